@@ -192,7 +192,9 @@ class LineEvent:
     state_before: Any
 
 
-def walk_trace(task: Task, problem: Problem, lines: list[str], state: Any = None) -> list[LineEvent]:
+def walk_trace(
+    task: Task, problem: Problem, lines: list[str], state: Any = None
+) -> list[LineEvent]:
     """Judge each line of a continuation in order, tracking the state as the model commits.
 
     A wrong step that the model goes on from is applied (the model now lives in

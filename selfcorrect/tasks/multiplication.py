@@ -318,7 +318,7 @@ class Multiplication:
         if etype == "two_digits":
             pos = rng.integers(0, L - 1, n)
             old = digits[pos] * 10 + digits[pos + 1]
-            lead = (pos == 0)
+            lead = pos == 0
             # pairs 00..99 minus the old pair, minus pairs with a leading 0 at position 0
             k = np.where(lead, 89, 99)
             idx = (rng.random(n) * k).astype(np.int64)

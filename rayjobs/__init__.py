@@ -1,0 +1,1 @@
+"""Job entrypoints, one per stage: ``python -m rayjobs.<stage> --config ... --output-dir ...``."""

@@ -1,0 +1,157 @@
+"""What every job shares: the command line, Ray start-up, the run manifest and stage skipping."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from selfcorrect import io
+from selfcorrect.config import Config, ConfigError, describe, dump_config, load_config
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class JobContext:
+    cfg: Config
+    output_dir: str
+    overwrite: bool = False
+
+    def path(self, *parts: str) -> str:
+        return io.join(self.output_dir, *parts)
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> JobContext:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", default=None, help="YAML preset, e.g. configs/tiny.yaml")
+    ap.add_argument(
+        "--output-dir", default=None, help="local dir or pyarrow URI (default runs/<name>)"
+    )
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace results of a different config"
+    )
+    ap.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    args = ap.parse_args(argv)
+    if args.help_config:
+        print("\n".join(describe()))
+        sys.exit(0)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        ap.exit(2, f"config error: {e}\n")
+    out = args.output_dir or os.path.join("runs", cfg.name)
+    return JobContext(cfg, out, args.overwrite)
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to the cluster named by config / RAY_ADDRESS, or start an embedded local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = (
+        {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
+        if os.environ.get("DS_ACCELERATOR")
+        else None
+    )
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True
+        )
+
+
+# ---------------------------------------------------------------------------
+# Manifest: stage -> status, config hash, artifacts, timings.
+# ---------------------------------------------------------------------------
+
+
+def read_manifest(ctx: JobContext) -> dict[str, Any]:
+    p = ctx.path(MANIFEST)
+    return io.read_json(p) if io.exists(p) else {"stages": {}}
+
+
+def write_manifest(ctx: JobContext, manifest: dict[str, Any]) -> None:
+    io.write_json(ctx.path(MANIFEST), manifest)
+
+
+def stage_done(ctx: JobContext, key: str, config_hash: str) -> bool:
+    st = read_manifest(ctx)["stages"].get(key)
+    return bool(
+        st
+        and st.get("status") == "done"
+        and st.get("config_hash") == config_hash
+        and all(io.exists(ctx.path(a)) for a in st.get("artifacts", []))
+    )
+
+
+@contextlib.contextmanager
+def stage(ctx: JobContext, key: str, config_hash: str) -> Iterator[dict[str, Any]]:
+    """Record a stage in the manifest: running -> done (with artifacts and seconds) or failed.
+
+    The body fills ``rec['artifacts']`` with paths relative to the output dir.
+    """
+    manifest = read_manifest(ctx)
+    rec: dict[str, Any] = {
+        "status": "running",
+        "config_hash": config_hash,
+        "artifacts": [],
+        "started": time.time(),
+    }
+    manifest["stages"][key] = rec
+    write_manifest(ctx, manifest)
+    t0 = time.time()
+    try:
+        yield rec
+    except BaseException:
+        rec.update(status="failed", seconds=round(time.time() - t0, 2))
+        manifest = read_manifest(ctx)
+        manifest["stages"][key] = rec
+        write_manifest(ctx, manifest)
+        raise
+    rec.update(status="done", seconds=round(time.time() - t0, 2), finished=time.time())
+    manifest = read_manifest(ctx)
+    manifest["stages"][key] = rec
+    write_manifest(ctx, manifest)
+
+
+def run_stage(
+    ctx: JobContext, key: str, config_hash: str, fn: Callable[[dict[str, Any]], None]
+) -> bool:
+    """Run ``fn(rec)`` unless the manifest says this stage is done with the same config.
+
+    Returns True if it ran.
+    """
+    if stage_done(ctx, key, config_hash):
+        print(f"[skip] {key}: outputs exist for this config")
+        return False
+    with stage(ctx, key, config_hash) as rec:
+        fn(rec)
+    return True
+
+
+def save_resolved_config(ctx: JobContext) -> None:
+    """Write config.yaml; refuse to mix results of a different experiment unless --overwrite."""
+    p = ctx.path("config.yaml")
+    new = dump_config(ctx.cfg)
+    if io.exists(p) and not ctx.overwrite:
+        import yaml
+
+        old = yaml.safe_load(io.read_bytes(p).decode())
+        old_core = {k: old.get(k) for k in ("seed", "tasks", "multiplication", "sudoku", "data")}
+        new_core = {k: ctx.cfg.to_dict()[k] for k in old_core}
+        if old_core != new_core:
+            raise ConfigError(
+                f"{ctx.output_dir} holds results of a different experiment (seed, tasks or data "
+                "differ); choose another --output-dir or pass --overwrite to replace them"
+            )
+    io.write_text(p, new)

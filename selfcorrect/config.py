@@ -1,0 +1,440 @@
+"""Typed experiment config: YAML file + dotted ``key=value`` overrides, validated on load.
+
+Every field has help text (``field(metadata={"help": ...})``). Unknown keys,
+wrong types and out-of-range values fail with a message that names the key and
+what to change, suggesting the nearest valid key for typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says how."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(
+            default_factory=lambda d=default: json.loads(json.dumps(d)),
+            metadata={"help": help},
+            **kw,
+        )
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class MultiplicationConfig:
+    digits_a: int = _f(4, "digits of the first operand")
+    digits_b: int = _f(4, "digits of the second operand (one partial product per digit)")
+    error_weights: dict[str, float] = _f({}, "synthetic error type -> weight (empty = uniform)")
+
+    def validate(self) -> None:
+        _check(1 <= self.digits_a <= 9, "multiplication.digits_a", "must be in 1..9")
+        _check(1 <= self.digits_b <= 9, "multiplication.digits_b", "must be in 1..9")
+        _check_weights(
+            self.error_weights,
+            "multiplication.error_weights",
+            ("carry", "int_10", "int_100", "digit", "digit_close", "two_digits"),
+        )
+
+
+@dataclass
+class SudokuConfig:
+    min_empty: int = _f(6, "fewest empty cells in a puzzle")
+    max_empty: int = _f(12, "most empty cells in a puzzle (still solvable by naked singles)")
+    error_weights: dict[str, float] = _f({}, "synthetic error type -> weight (empty = uniform)")
+
+    def validate(self) -> None:
+        _check(
+            1 <= self.min_empty <= self.max_empty <= 16,
+            "sudoku.min_empty/max_empty",
+            "need 1 <= min_empty <= max_empty <= 16",
+        )
+        _check_weights(self.error_weights, "sudoku.error_weights", ("invalid", "non_naked_single"))
+
+
+@dataclass
+class DataConfig:
+    n_train: int = _f(20000, "training problems per task")
+    n_test: int = _f(500, "test problems per task (disjoint from train)")
+
+    def validate(self) -> None:
+        _check(self.n_train >= 1 and self.n_test >= 1, "data.n_train/n_test", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("tiny", "random-init size preset: nano | tiny | small | base | 0.5b")
+    path: str | None = _f(None, "local HF model dir or hub id; overrides preset (paper scale)")
+    max_length: int = _f(256, "max tokens per training example / generation context")
+    lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+
+    def validate(self) -> None:
+        _check(
+            self.preset in ("nano", "tiny", "small", "base", "0.5b"),
+            "model.preset",
+            "choose nano, tiny, small, base or 0.5b",
+        )
+        _check(self.max_length >= 16, "model.max_length", "must be >= 16")
+
+
+@dataclass
+class TrainConfig:
+    methods: list[str] = _f(["ft", "eift", "hybrid", "insec"], "supervised methods to train")
+    max_steps: int = _f(2000, "optimizer steps per method")
+    max_minutes: float = _f(0.0, "wall-clock budget per method in minutes (0 = none)")
+    batch_size: int = _f(64, "global batch size (examples per optimizer step, all workers)")
+    micro_batch_size: int = _f(64, "examples per forward pass per worker")
+    lr: float = _f(1e-3, "peak learning rate (cosine decay after warmup)")
+    warmup_steps: int = _f(50, "linear warmup steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    num_workers: int = _f(1, "Ray Train workers (data parallel)")
+    use_gpu: bool = _f(False, "one GPU per worker (NCCL); False = CPU via gloo")
+    cpus_per_worker: int = _f(2, "CPU cores per worker (sets torch threads)")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0 (plain DDP-style), 1, 2 or 3")
+    bf16: bool = _f(False, "bf16 autocast (CPU and GPU)")
+    checkpoint_every: int = _f(200, "steps between Ray Train checkpoints (0 = only at the end)")
+    max_failures: int = _f(2, "worker failures to survive by restoring the last checkpoint")
+    injection_rate: float = _f(0.2, "fraction of traces with injected errors (eift, hybrid)")
+    max_errors: int = _f(4, "errors per injected trace are uniform over 1..max_errors")
+    onpolicy_fraction: float = _f(0.2, "hybrid: fraction of injected errors that are on-policy")
+    p_mistake: float = _f(0.15, "insec: per-step mistake probability")
+    mistake_loss: str = _f("mask", "insec: mask | unlikelihood")
+    w_recognition: float = _f(1.0, "loss weight of recognition lines")
+    w_correction: float = _f(1.0, "loss weight of correction steps")
+    w_unlikelihood: float = _f(1.0, "insec unlikelihood term weight")
+    log_every: int = _f(20, "steps between metric reports")
+
+    def validate(self) -> None:
+        for m in self.methods:
+            _check(
+                m in ("ft", "eift", "hybrid", "insec"),
+                "train.methods",
+                f"unknown method {m!r}; choose from ft, eift, hybrid, insec",
+            )
+        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(
+            self.batch_size >= 1 and self.micro_batch_size >= 1, "train.batch_size", "must be >= 1"
+        )
+        _check(
+            self.batch_size % (self.micro_batch_size * self.num_workers) == 0,
+            "train.batch_size",
+            f"must be a multiple of micro_batch_size * num_workers "
+            f"({self.micro_batch_size} * {self.num_workers})",
+        )
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")
+        _check(0 <= self.injection_rate <= 1, "train.injection_rate", "must be in [0, 1]")
+        _check(0 <= self.onpolicy_fraction <= 1, "train.onpolicy_fraction", "must be in [0, 1]")
+        _check(0 <= self.p_mistake <= 1, "train.p_mistake", "must be in [0, 1]")
+        _check(self.max_errors >= 1, "train.max_errors", "must be >= 1")
+        _check(
+            self.mistake_loss in ("mask", "unlikelihood"),
+            "train.mistake_loss",
+            "choose mask or unlikelihood",
+        )
+
+
+@dataclass
+class HarvestConfig:
+    splits: list[str] = _f(["train", "test"], "splits to harvest (train feeds hybrid)")
+    max_problems: int = _f(2000, "problems per split to sample from (0 = all)")
+    samples_per_problem: int = _f(1, "samples per problem, each with its own seed")
+    temperature: float = _f(0.0, "0 = greedy")
+    num_actors: int = _f(1, "generation actors (one model copy each)")
+    batch_size: int = _f(128, "problems per generation batch")
+    max_new_tokens: int = _f(200, "generation cap per sample")
+
+    def validate(self) -> None:
+        for s in self.splits:
+            _check(s in ("train", "test"), "harvest.splits", "choose from train, test")
+        _check(self.temperature >= 0, "harvest.temperature", "must be >= 0")
+        _check(self.samples_per_problem >= 1, "harvest.samples_per_problem", "must be >= 1")
+
+
+@dataclass
+class CoverageConfig:
+    n_samples: int = _f(10000, "synthetic samples drawn per on-policy error")
+
+    def validate(self) -> None:
+        _check(self.n_samples >= 1, "coverage.n_samples", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = _f(["ft", "eift", "hybrid", "insec", "grpo"], "models to evaluate")
+    temperatures: list[float] = _f([0.0, 0.7, 1.0], "decoding temperatures (0 = greedy)")
+    max_problems: int = _f(500, "test problems per condition (0 = all)")
+    max_errors: int = _f(500, "harvested FT errors used by ft_errors (0 = all)")
+    batch_size: int = _f(128, "prompts per generation batch")
+    num_actors: int = _f(1, "generation actors")
+    max_new_tokens: int = _f(200, "generation cap")
+
+    def validate(self) -> None:
+        _check(all(t >= 0 for t in self.temperatures), "eval.temperatures", "must be >= 0")
+
+
+@dataclass
+class GRPOConfig:
+    enabled: bool = _f(True, "train the GRPO baseline from the FT model")
+    steps: int = _f(100, "policy updates")
+    group_size: int = _f(8, "samples per prompt")
+    prompts_per_step: int = _f(16, "prompts per update (global)")
+    lr: float = _f(1e-4, "learning rate")
+    kl_coef: float = _f(0.04, "KL penalty to the reference (FT) model")
+    clip: float = _f(0.2, "PPO-style ratio clip")
+    temperature: float = _f(1.0, "rollout temperature")
+    max_new_tokens: int = _f(200, "rollout length cap")
+    reward: str = _f("answer", "answer | steps | self_correction")
+    max_minutes: float = _f(0.0, "wall-clock budget in minutes (0 = none)")
+
+    def validate(self) -> None:
+        _check(
+            self.group_size >= 2, "grpo.group_size", "must be >= 2 (advantages are group-relative)"
+        )
+        _check(
+            self.reward in ("answer", "steps", "self_correction"),
+            "grpo.reward",
+            "choose answer, steps or self_correction",
+        )
+
+
+@dataclass
+class TuneConfig:
+    enabled: bool = _f(True, "run the injection-rate sweep")
+    injection_rates: list[float] = _f([0.05, 0.1, 0.2, 0.35, 0.5], "grid over injection rate")
+    max_errors: list[int] = _f([], "optional grid over max errors per trace")
+    w_recognition: list[float] = _f([], "optional grid over recognition loss weight")
+    search: str = _f("grid", "grid | random")
+    num_samples: int = _f(1, "samples per grid point (random: total trials)")
+    asha: bool = _f(False, "ASHA early stopping on validation loss")
+    max_steps: int = _f(300, "training steps per trial")
+    max_concurrent: int = _f(0, "concurrent trials (0 = as resources allow)")
+
+    def validate(self) -> None:
+        _check(all(0 <= r <= 1 for r in self.injection_rates), "tune.injection_rates", "in [0, 1]")
+        _check(self.search in ("grid", "random"), "tune.search", "choose grid or random")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = _f(None, "cluster address; None = embedded local Ray (or RAY_ADDRESS)")
+    num_cpus: int | None = _f(None, "CPUs for the embedded local instance (None = all)")
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    name: str = _f("run", "run name (shown in the report)")
+    seed: int = _f(0, "master seed: same seed, same data, errors and metrics")
+    tasks: list[str] = _f(["multiplication", "sudoku"], "tasks to run")
+    multiplication: MultiplicationConfig = field(default_factory=MultiplicationConfig)
+    sudoku: SudokuConfig = field(default_factory=SudokuConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    coverage: CoverageConfig = field(default_factory=CoverageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        for t in self.tasks:
+            _check(
+                t in ("multiplication", "sudoku"),
+                "tasks",
+                f"unknown task {t!r}; choose multiplication, sudoku",
+            )
+        _check(len(self.tasks) > 0, "tasks", "name at least one task")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate()
+
+    def task_options(self, task: str) -> dict[str, Any]:
+        """Constructor options for ``selfcorrect.tasks.get_task``."""
+        if task == "multiplication":
+            return {
+                "digits_a": self.multiplication.digits_a,
+                "digits_b": self.multiplication.digits_b,
+            }
+        return {"min_empty": self.sudoku.min_empty, "max_empty": self.sudoku.max_empty}
+
+    def error_weights(self, task: str) -> dict[str, float] | None:
+        w = getattr(self, task).error_weights
+        return dict(w) if w else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named config sections: decides whether a stage must be redone."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _check_weights(w: dict[str, float], key: str, allowed: tuple[str, ...]) -> None:
+    for k, v in w.items():
+        _check(k in allowed, key, f"unknown error type {k!r}; choose from {', '.join(allowed)}")
+        _check(v >= 0, key, f"weight of {k!r} must be >= 0")
+    _check(not w or sum(w.values()) > 0, key, "at least one weight must be > 0")
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = (
+                f"; did you mean '{prefix}{near[0]}'?"
+                if near
+                else f"; valid keys: {', '.join(names)}"
+            )
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    d[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``train.lr=3e-4`` -> ('train.lr', 0.0003); values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    # YAML reads 3e-4 as a string; numbers people type should be numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset, apply dotted overrides, validate. Raises ConfigError with a fix."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(
+                f"config file {str(p)!r} not found; pass --config configs/<preset>.yaml"
+            )
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    for item in overrides or []:
+        k, v = parse_override(item)
+        _set_dotted(data, k, v)
+    cfg = _build(Config, data)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data)
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per key with its help text (``python -m rayjobs.pipeline --help-config``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,164 @@
+"""Output-directory I/O: atomic Parquet/JSON/text writes on local paths or pyarrow-filesystem URIs.
+
+Every write goes to a temporary name in the same directory and is renamed
+into place (local) or uploaded whole (object stores, where a PUT is atomic),
+so an interrupted stage never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class CorruptFileError(ValueError):
+    """A result file that cannot be read or lacks required columns."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    return (
+        pafs.FileSystem.from_uri(path)
+        if is_uri(path)
+        else (pafs.LocalFileSystem(), str(Path(path).absolute()))
+    )
+
+
+def exists(path: str) -> bool:
+    fs, p = _fs(str(path))
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, p = _fs(str(path))
+    fs.create_dir(p, recursive=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Atomic: temp file + rename locally; a single whole-object upload on object stores."""
+    path = str(path)
+    if is_uri(path):
+        fs, p = _fs(path)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = _fs(str(path))
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path))
+
+
+def write_parquet(path: str, table: pa.Table | Any) -> None:
+    """Write a pyarrow Table (or pandas DataFrame / list of dicts) atomically."""
+    if not isinstance(table, pa.Table):
+        if isinstance(table, list):
+            table = pa.Table.from_pylist(table)
+        else:
+            table = pa.Table.from_pandas(table, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def read_parquet(path: str, required: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file; a missing, corrupt or schema-mismatched file gets a clear error."""
+    path = str(path)
+    if not exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist; run the stage that produces it first "
+            "(or the whole pipeline: python -m rayjobs.pipeline)"
+        )
+    try:
+        fs, p = _fs(path)
+        table = pq.read_table(p, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorruptFileError(
+            f"{path} is not a readable Parquet file ({e}); delete it and rerun the stage that "
+            "writes it"
+        ) from e
+    missing = [c for c in (required or []) if c not in table.column_names]
+    if missing:
+        raise CorruptFileError(
+            f"{path} lacks columns {missing} (has {table.column_names}); it was written by another "
+            "version or stage: delete it and rerun the stage that writes it"
+        )
+    return table
+
+
+def replace_dir(tmp_dir: str, final_dir: str) -> None:
+    """Move a fully written local directory into place, replacing any old one in one rename."""
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp_dir, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(final_dir: str) -> str:
+    """A fresh sibling directory to write into before ``replace_dir``."""
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+
+
+def upload_dir(local_dir: str, dest: str) -> None:
+    """Copy a local directory to ``dest`` (local path: atomic replace; URI: file by file)."""
+    if not is_uri(dest):
+        tmp = staging_dir(dest)
+        shutil.rmtree(tmp)
+        shutil.copytree(local_dir, tmp)
+        replace_dir(tmp, dest)
+        return
+    fs, p = _fs(dest)
+    pafs.copy_files(local_dir, p, destination_filesystem=fs)

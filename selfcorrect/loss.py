@@ -1,0 +1,158 @@
+"""Loss masks and the weighted LM loss: the one place where span labels become token weights.
+
+Span labels live on characters (``traces.Example``); tokens get weights through
+the tokenizer's offset mapping, so the same code is right for the character
+tokenizer and for any Hugging Face BPE tokenizer. Attention is never masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from selfcorrect.traces import Example, Span
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Per-span weights. ``mistake_loss`` decides what InSeC mistake tokens contribute."""
+
+    w_recognition: float = 1.0
+    w_correction: float = 1.0
+    mistake_loss: str = "mask"  # mask | unlikelihood
+    w_unlikelihood: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mistake_loss not in ("mask", "unlikelihood"):
+            raise ValueError(
+                f"mistake_loss={self.mistake_loss!r}; set it to 'mask' or 'unlikelihood'"
+            )
+        if min(self.w_recognition, self.w_correction, self.w_unlikelihood) < 0:
+            raise ValueError("loss weights must be >= 0")
+
+    def of(self, kind: int) -> float:
+        return {
+            Span.PROMPT: 0.0,
+            Span.GOLDEN: 1.0,
+            Span.WRONG: 0.0,
+            Span.RECOGNITION: self.w_recognition,
+            Span.CORRECTION: self.w_correction,
+            Span.MARKER: 0.0,
+            Span.MISTAKE: 0.0,
+        }[Span(kind)]
+
+
+def token_weights(
+    offsets: list[tuple[int, int]], char_labels: np.ndarray, weights: LossWeights
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token (loss weight, unlikelihood weight, span kind) from character spans.
+
+    A token takes the kind of its first character; if any of its characters is
+    in a zero-weight span (a wrong step, a marker), the token's weight is 0, so
+    the model is never trained to emit any part of a wrong step.
+    """
+    n = len(offsets)
+    w = np.zeros(n, dtype=np.float32)
+    ul = np.zeros(n, dtype=np.float32)
+    kind = np.full(n, int(Span.PROMPT), dtype=np.int8)
+    char_w = np.array([weights.of(k) for k in range(len(Span))], dtype=np.float32)
+    for i, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        kinds = char_labels[s:e]
+        kind[i] = kinds[0]
+        w[i] = char_w[kinds].min()
+        if weights.mistake_loss == "unlikelihood" and np.all(kinds == Span.MISTAKE):
+            ul[i] = weights.w_unlikelihood
+    return w, ul, kind
+
+
+def encode_example(
+    tokenizer, example: Example, weights: LossWeights, max_length: int | None = None
+) -> dict[str, np.ndarray]:
+    """Text -> token ids plus per-token weights; an EOS token is appended as a golden token."""
+    enc = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)
+    w, ul, kind = token_weights(enc["offset_mapping"], example.char_labels(), weights)
+    ids = np.array(enc["input_ids"] + [tokenizer.eos_token_id], dtype=np.int64)
+    w = np.append(w, 1.0).astype(np.float32)
+    ul = np.append(ul, 0.0).astype(np.float32)
+    kind = np.append(kind, int(Span.GOLDEN)).astype(np.int8)
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(
+            f"example of {len(ids)} tokens exceeds max_length={max_length}; raise "
+            "train.max_length or use fewer digits / errors per trace"
+        )
+    return {"input_ids": ids, "loss_weight": w, "ul_weight": ul, "span_kind": kind}
+
+
+def collate(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples; padding carries zero weight and no attention."""
+    T = max(len(b["input_ids"]) for b in batch)
+    B = len(batch)
+    out = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long),
+        "loss_weight": torch.zeros((B, T), dtype=torch.float32),
+        "ul_weight": torch.zeros((B, T), dtype=torch.float32),
+        "span_kind": torch.zeros((B, T), dtype=torch.long),
+    }
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        out["input_ids"][i, :n] = torch.as_tensor(b["input_ids"])
+        out["attention_mask"][i, :n] = 1
+        out["loss_weight"][i, :n] = torch.as_tensor(b["loss_weight"])
+        out["ul_weight"][i, :n] = torch.as_tensor(b["ul_weight"])
+        out["span_kind"][i, :n] = torch.as_tensor(b["span_kind"].astype(np.int64))
+    return out
+
+
+def global_weight_sum(local: torch.Tensor) -> torch.Tensor:
+    """Total loss weight over every data-parallel rank (the loss normaliser)."""
+    total = local.detach().clone().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.clamp_min(1e-8)
+
+
+def weighted_lm_loss(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    normalizer: torch.Tensor,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted next-token loss, normalised by the global-batch weight ``normalizer``.
+
+    logits: [B, T, V]; batch tensors: [B, T]. Token t is predicted from position
+    t-1, so weights are shifted by one. Data-parallel frameworks average
+    gradients over ranks, so the local loss is scaled by ``world_size`` to make
+    the result a sum over the global batch divided by its total weight.
+    Returns (loss, per-token stats for span-level logging).
+    """
+    logits = logits[:, :-1].float()  # [B, T-1, V]
+    target = batch["input_ids"][:, 1:]  # [B, T-1]
+    w = batch["loss_weight"][:, 1:]  # [B, T-1]
+    ul = batch["ul_weight"][:, 1:]  # [B, T-1]
+    logp = F.log_softmax(logits, dim=-1)
+    tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    nll = -tok_logp
+    loss = (nll * w).sum()
+    if torch.any(ul > 0):
+        # Unlikelihood: -log(1 - p(token)) pushes the mistake tokens' probability down.
+        p = tok_logp.exp().clamp(max=1 - 1e-6)
+        loss = loss + (-torch.log1p(-p) * ul).sum()
+    loss = loss * world_size / normalizer
+    return loss, {"nll": nll.detach(), "kind": batch["span_kind"][:, 1:], "weight": w}
+
+
+def span_losses(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean NLL per span kind over tokens with nonzero weight (for metrics)."""
+    out = {}
+    for kind in Span:
+        sel = (stats["kind"] == int(kind)) & (stats["weight"] > 0)
+        if sel.any():
+            out[f"loss_{kind.name.lower()}"] = float(stats["nll"][sel].mean())
+    return out

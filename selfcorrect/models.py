@@ -1,0 +1,108 @@
+"""Models: random-init Qwen2-architecture presets with the character tokenizer, or any local HF model.
+
+Everything is saved with ``save_pretrained`` (safetensors) so later stages and
+any Hugging Face tool can load it. Nothing here downloads weights unless the
+config names a hub model explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
+
+from selfcorrect.tokenizer import build_char_tokenizer
+
+# name -> (hidden, layers, heads, kv_heads, ffn)
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "nano": (64, 2, 4, 4, 128),
+    "tiny": (256, 4, 4, 4, 768),
+    "small": (384, 6, 6, 6, 1536),
+    "base": (512, 8, 8, 8, 2048),
+    "0.5b": (896, 24, 14, 2, 4864),  # Qwen2-0.5B shape (GPU benchmarks)
+}
+
+
+class ModelPathError(FileNotFoundError):
+    """A model directory that is missing or unreadable."""
+
+
+def preset_config(preset: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Qwen2Config:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    d, n_layers, heads, kv, ffn = PRESETS[preset]
+    vocab = 151936 if preset == "0.5b" else len(tokenizer)
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=max(max_length, 64),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_theta=10000.0,
+        attention_dropout=0.0,
+    )
+
+
+def build_model(
+    preset: str, max_length: int = 256, seed: int = 0
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A random-initialised model of ``preset`` and the character tokenizer (seeded init)."""
+    tokenizer = build_char_tokenizer()
+    cfg = preset_config(preset, tokenizer, max_length)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return model, tokenizer
+
+
+def load_model(
+    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a saved model + tokenizer (safetensors only), with a clear error if it is not there."""
+    p = Path(path)
+    if not p.exists() and not _looks_like_hub_id(path):
+        raise ModelPathError(
+            f"model path {path!r} does not exist; train it first (python -m rayjobs.train) or set "
+            "model.path to a local Hugging Face model directory"
+        )
+    if p.exists() and not (p / "config.json").exists():
+        raise ModelPathError(
+            f"{path!r} is not a Hugging Face model directory (no config.json); it may be a "
+            "half-written or corrupt model: delete it and rerun training"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ModelPathError(f"could not load model from {path!r}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return (
+        "/" in path
+        and not os.path.isabs(path)
+        and not path.startswith(".")
+        and path.count("/") == 1
+    )
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
+    """save_pretrained (safetensors) into ``out_dir`` (the caller makes the final move atomic)."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
