@@ -1,0 +1,37 @@
+"""Shared fixtures. Integration tests share ONE local Ray instance for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray instance (2 CPUs), started once and shared by every integration test."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=int(os.environ.get("SELFCORRECT_TEST_CPUS", "2")),
+            include_dashboard=False,
+            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": REPO}},
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    from selfcorrect.config import load_config
+
+    return load_config(os.path.join(REPO, "configs", "smoke.yaml"))
