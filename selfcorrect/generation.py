@@ -1,0 +1,331 @@
+"""The one generation engine: batched, KV-cached, left-padded decoding used by harvest, eval and GRPO.
+
+Why our own loop over ``past_key_values`` instead of ``model.generate``:
+
+* sampling must be reproducible *per row* from that row's seed, whatever else is
+  in the batch (harvest and eval shard and re-batch rows freely through Ray
+  Data, and a retried batch must give the same text). Each row draws one
+  uniform number per step from its own ``numpy`` generator and picks its token
+  by inverse-CDF, which is vectorised on the device;
+* a row stops at EOS or at the end of its ``ANSWER`` line, and finished rows are
+  dropped from the batch and the KV cache, so short answers stop costing compute;
+* prompts are sorted by length before batching, so little compute goes on padding.
+
+``benchmarks/bench_generation.py`` compares it with HF ``generate`` (batched and
+one prompt at a time) on the same model.
+
+Ray Data: ``GenerationActor`` is the callable class for
+``ds.map_batches(GenerationActor, fn_constructor_kwargs=..., concurrency=n)``; it
+loads the model once per actor and adds a ``completion`` column.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfcorrect.tasks.base import ANSWER_PREFIX
+
+__all__ = [
+    "GenerationActor",
+    "answer_line_done",
+    "generate",
+    "generation_ray_args",
+]
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    return sorted(ids)
+
+
+_NEWLINE_CACHE: dict[int, torch.Tensor] = {}
+
+
+def _newline_table(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """bool[vocab]: whether a token's text contains a newline (decoded once per tokenizer)."""
+    key = id(tokenizer)
+    table = _NEWLINE_CACHE.get(key)
+    if table is None or table.numel() != vocab_size:
+        n = len(tokenizer)
+        flags = np.zeros(vocab_size, dtype=bool)
+        for i, piece in enumerate(tokenizer.batch_decode([[i] for i in range(min(n, vocab_size))])):
+            flags[i] = "\n" in piece
+        table = torch.from_numpy(flags)
+        _NEWLINE_CACHE[key] = table
+    return table
+
+
+def answer_line_done(text: str) -> int | None:
+    """End index (after its newline) of the first complete ``ANSWER ...`` line in ``text``, or None.
+
+    ``text`` must start at the beginning of a line.
+    """
+    start = 0
+    while True:
+        nl = text.find("\n", start)
+        if nl < 0:
+            return None
+        if text[start:nl].lstrip().startswith(ANSWER_PREFIX):
+            return nl + 1
+        start = nl + 1
+
+
+def _strip_specials(text: str, tokenizer: Any) -> str:
+    """Remove pad/eos/bos markers only: InSeC's ``<mistake>``/``</mistake>`` must survive."""
+    for tok in (tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token):
+        if tok:
+            text = text.replace(tok, "")
+    return text
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 64,
+) -> list[str]:
+    """Continue each prefix; returns the continuation texts in input order.
+
+    Greedy at ``temperature == 0``; otherwise sampling where row ``i`` depends
+    only on ``prefixes[i]`` and ``seeds[i]`` (not on batching or order). A row
+    stops at EOS, after its ``ANSWER`` line's newline, or at ``max_new_tokens``.
+    Special tokens other than pad/eos/bos (e.g. ``</mistake>``) are kept.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prefixes = list(prefixes)
+    if seeds is None:
+        seeds = list(range(len(prefixes)))
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(prefixes):
+        raise ValueError(
+            f"got {len(seeds)} seeds for {len(prefixes)} prefixes; pass one per prefix"
+        )
+    if not prefixes:
+        return []
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token"
+        )
+
+    ids = tokenizer(prefixes, add_special_tokens=False)["input_ids"]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prefix {i} is empty; every prefix needs at least the prompt line")
+    # Longest first: similar lengths share a batch (little padding), and memory errors come early.
+    order = sorted(range(len(prefixes)), key=lambda i: -len(ids[i]))
+    out: list[str] = [""] * len(prefixes)
+    was_training = model.training
+    model.eval()
+    try:
+        for b0 in range(0, len(order), batch_size):
+            rows = order[b0 : b0 + batch_size]
+            texts = _generate_batch(
+                model,
+                tokenizer,
+                [ids[i] for i in rows],
+                [prefixes[i] for i in rows],
+                [seeds[i] for i in rows],
+                max_new_tokens,
+                temperature,
+            )
+            for i, t in zip(rows, texts, strict=True):
+                out[i] = t
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _generate_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ids: list[list[int]],
+    prefixes: list[str],
+    seeds: list[int],
+    max_new_tokens: int,
+    temperature: float,
+) -> list[str]:
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    B = len(ids)
+    T = max(len(r) for r in ids)
+    pad = int(tokenizer.pad_token_id)
+    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, r in enumerate(ids):  # left padding
+        input_ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, T]
+
+    # Per-row uniforms, drawn up front from each row's own seed: batching cannot change them.
+    uniforms = None
+    if temperature > 0:
+        uniforms = torch.from_numpy(
+            np.stack([np.random.default_rng(s).random(max_new_tokens) for s in seeds])
+        ).to(device)  # [B, max_new_tokens] float64
+
+    eos = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    newline = _newline_table(tokenizer, vocab).to(device)
+    # Line start for the ANSWER check: the prefix's unfinished last line continues in the output.
+    tails = [p[p.rfind("\n") + 1 :] for p in prefixes]
+
+    generated: list[list[int]] = [[] for _ in range(B)]
+    cut: list[int | None] = [None] * B  # char end of the ANSWER line in the decoded text
+    active = torch.arange(B, device=device)  # original row of each live batch slot
+    cache = DynamicCache()
+    step_ids, step_pos, attn = input_ids, positions, mask
+    for t in range(max_new_tokens):
+        logits = (
+            model(
+                input_ids=step_ids,
+                attention_mask=attn,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1, :vocab]
+            .float()
+        )  # [b, V]
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            cdf = probs.double().cumsum(-1)  # [b, V]
+            u = uniforms[active, t].unsqueeze(-1) * cdf[:, -1:]  # [b, 1]
+            nxt = (cdf < u).sum(-1).clamp_max(vocab - 1)
+        finished = torch.isin(nxt, eos)
+        nxt_cpu = nxt.tolist()
+        act_cpu = active.tolist()
+        check = (newline[nxt] & ~finished).tolist()
+        fin = finished.tolist()
+        for slot, (row, tok) in enumerate(zip(act_cpu, nxt_cpu, strict=True)):
+            if fin[slot]:
+                continue
+            generated[row].append(tok)
+            if check[slot]:
+                text = tails[row] + _decode(tokenizer, generated[row])
+                end = answer_line_done(text)
+                if end is not None:
+                    cut[row] = end - len(tails[row])
+                    fin[slot] = True
+        keep = [s for s, f in enumerate(fin) if not f]
+        if not keep:
+            break
+        if len(keep) < len(act_cpu):
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            active, nxt, attn = active[sel], nxt[sel], attn[sel]
+            step_pos = step_pos[sel]
+        step_ids = nxt.unsqueeze(-1)  # [b, 1]
+        step_pos = step_pos[:, -1:] + 1  # [b, 1]
+        attn = torch.cat([attn, torch.ones_like(step_ids)], dim=-1)  # [b, past + 1]
+
+    texts = []
+    for row in range(B):
+        text = _decode(tokenizer, generated[row])
+        texts.append(text if cut[row] is None else text[: cut[row]])
+    return texts
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return _strip_specials(
+        tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        tokenizer,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Ray Data
+# ---------------------------------------------------------------------------
+
+
+def generation_ray_args(use_gpu: bool, cpus_per_actor: float = 1.0) -> dict[str, Any]:
+    """``ray_remote_args`` for a generation actor pool: resources plus actor restarts.
+
+    ``max_restarts``/``max_task_retries`` let Ray Data restart a crashed actor and
+    re-run its unfinished batches, so a lost actor costs time, not rows.
+    """
+    args: dict[str, Any] = {"max_restarts": 3, "max_task_retries": 3}
+    if use_gpu:
+        args["num_gpus"] = 1
+    else:
+        args["num_cpus"] = cpus_per_actor
+    return args
+
+
+class GenerationActor:
+    """Ray Data callable class: one model copy per actor; adds a ``completion`` column.
+
+    Input columns: ``prefix`` (str), ``seed`` (int), ``temperature`` (float; may
+    vary per row — rows are grouped by temperature). Other columns pass through.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        max_new_tokens: int,
+        batch_size: int = 64,
+        use_gpu: bool = False,
+        torch_threads: int | None = None,
+    ) -> None:
+        from selfcorrect.models import load_model
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model, self.tokenizer = load_model(model_path, dtype=dtype, device=device)
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        self.pid = os.getpid()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for col in ("prefix", "seed", "temperature"):
+            if col not in batch:
+                raise KeyError(f"GenerationActor needs a {col!r} column; got {sorted(batch)}")
+        prefixes = [str(p) for p in batch["prefix"]]
+        seeds = np.asarray(batch["seed"]).astype(np.int64)
+        temps = np.asarray(batch["temperature"]).astype(np.float64)
+        completions = np.empty(len(prefixes), dtype=object)
+        for temp in np.unique(temps):
+            idx = np.flatnonzero(temps == temp)
+            texts = generate(
+                self.model,
+                self.tokenizer,
+                [prefixes[i] for i in idx],
+                max_new_tokens=self.max_new_tokens,
+                temperature=float(temp),
+                seeds=[int(seeds[i]) for i in idx],
+                batch_size=self.batch_size,
+            )
+            for i, t in zip(idx, texts, strict=True):
+                completions[i] = t
+        out = dict(batch)
+        out["completion"] = completions
+        return out
