@@ -202,10 +202,37 @@ class GRPOConfig:
     max_new_tokens: int = _f(200, "rollout length cap")
     reward: str = _f("answer", "answer | steps | self_correction")
     max_minutes: float = _f(0.0, "wall-clock budget in minutes (0 = none)")
+    num_workers: int = _f(0, "Ray Train workers for GRPO (0 = train.num_workers)")
+    micro_batch_size: int = _f(0, "sequences per forward pass per worker (0 = whole local batch)")
+    updates_per_batch: int = _f(1, "optimizer steps per rollout batch (>1 makes the clip matter)")
+    weight_decay: float = _f(0.0, "AdamW weight decay (0: zero advantage leaves weights alone)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    correction_bonus: float = _f(0.5, "self_correction reward: bonus for fixing a real wrong step")
+    false_alarm_penalty: float = _f(0.5, "self_correction reward: penalty per false alarm")
+    checkpoint_every: int = _f(0, "steps between Ray Train checkpoints (0 = only at the end)")
+    eval_every: int = _f(0, "steps between held-out greedy evaluations (0 = start and end only)")
+    eval_problems: int = _f(64, "held-out test problems scored at each evaluation (0 = none)")
 
     def validate(self) -> None:
         _check(
             self.group_size >= 2, "grpo.group_size", "must be >= 2 (advantages are group-relative)"
+        )
+        _check(self.steps >= 1, "grpo.steps", "must be >= 1")
+        _check(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
+        _check(self.lr > 0, "grpo.lr", "must be > 0")
+        _check(self.kl_coef >= 0, "grpo.kl_coef", "must be >= 0")
+        _check(0 < self.clip < 1, "grpo.clip", "must be in (0, 1)")
+        _check(self.temperature > 0, "grpo.temperature", "must be > 0 (rollouts must sample)")
+        _check(self.max_new_tokens >= 1, "grpo.max_new_tokens", "must be >= 1")
+        _check(self.num_workers >= 0, "grpo.num_workers", "must be >= 0")
+        _check(self.micro_batch_size >= 0, "grpo.micro_batch_size", "must be >= 0")
+        _check(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
+        _check(self.weight_decay >= 0, "grpo.weight_decay", "must be >= 0")
+        _check(self.max_grad_norm >= 0, "grpo.max_grad_norm", "must be >= 0")
+        _check(
+            min(self.checkpoint_every, self.eval_every, self.eval_problems) >= 0,
+            "grpo.checkpoint_every/eval_every/eval_problems",
+            "must be >= 0",
         )
         _check(
             self.reward in ("answer", "steps", "self_correction"),
