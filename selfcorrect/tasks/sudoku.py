@@ -26,9 +26,11 @@ _PROMPT = re.compile(r"^([1-4.]{4}) ([1-4.]{4}) ([1-4.]{4}) ([1-4.]{4})$")
 # Cells sharing a row, column or box with each cell (precomputed once).
 _PEERS = [
     sorted(
-        {r * N + c2 for c2 in range(N)}
-        | {r2 * N + c for r2 in range(N)}
-        | {(r // 2 * 2 + dr) * N + (c // 2 * 2 + dc) for dr in range(2) for dc in range(2)}
+        (
+            {r * N + c2 for c2 in range(N)}
+            | {r2 * N + c for r2 in range(N)}
+            | {(r // 2 * 2 + dr) * N + (c // 2 * 2 + dc) for dr in range(2) for dc in range(2)}
+        )
         - {r * N + c}
     )
     for r in range(N)
