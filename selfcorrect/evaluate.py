@@ -1,0 +1,530 @@
+"""Evaluation: accuracy, and recognition / correction / parroting on errors of several origins.
+
+DESIGN 7 defines four conditions, all scored by the task verifier:
+
+* ``clean``      plain test prompts: final-answer accuracy; whether the model wrote any
+                 recognition line; whether a trace with a recognition still ends right.
+* ``synthetic``  golden prefix up to a random step + one fresh, seeded synthetic error.
+* ``ft_errors``  prefixes ending in a wrong step the FT model made (``harvest/ft-test``).
+* ``own_errors`` the model's own free generations (the ``clean`` generations), scored
+                 at each of its own wrong steps.
+
+Everything here is pure (task, text) -> numbers, so the metric definitions are
+unit-tested on hand-written continuations; generation lives in
+``selfcorrect.generation`` and the Ray fan-out in ``rayjobs.evaluate``.
+
+Definitions, for a wrong step W written at state S (the state before W):
+
+* recognized: the line after W is a recognition line (``is_recognition``: the EIFT
+  line or InSeC's ``</mistake>``).
+* corrected:  recognized, and the line after the recognition is a correct step at S.
+* parroted:   recognized, and the line after the recognition repeats W.
+* false alarm: a recognition line right after a correct step; the rate is
+  (recognitions after correct steps) / (correct steps) over model-written lines.
+
+Summary rates (``summarize``) are shares of all items of a condition, so
+``correction_rate + (recognized but neither) + missed = 1``; the conditional
+``correction_given_recognition`` / ``parrot_given_recognition`` are extra columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from selfcorrect.data import stream_rng
+from selfcorrect.tasks import (
+    ANSWER_PREFIX,
+    LineEvent,
+    Problem,
+    Task,
+    applicable_weights,
+    classify_error,
+    final_answer_correct,
+    is_recognition,
+    sample_error,
+    split_lines,
+    walk_trace,
+)
+
+CONDITIONS = ("clean", "synthetic", "ft_errors", "own_errors")
+ALL_TYPES = "all"  # error_type of the aggregate summary rows
+Z95 = 1.959963984540054
+
+# The rates of DESIGN 7 (each with *_lo / *_hi) plus two conditional ones.
+RATES = (
+    "accuracy",
+    "recognition_rate",
+    "correction_rate",
+    "parrot_rate",
+    "false_alarm_rate",
+    "correction_given_recognition",
+    "parrot_given_recognition",
+)
+
+# Columns of <task>/eval/<model>.parquet (one row per item x temperature).
+ITEM_COLUMNS = [
+    "task",
+    "model",
+    "condition",
+    "temperature",
+    "item_id",
+    "trace_id",
+    "problem_id",
+    "prompt",
+    "prefix",
+    "step_index",
+    "wrong_step",
+    "gold_step",
+    "error_type",
+    "seed",
+    "completion",
+    "next_line",
+    "after_line",
+    "recognized",
+    "corrected",
+    "parroted",
+    "correct",
+    "false_alarm",
+    "n_ok_steps",
+    "n_false_alarms",
+]
+
+SUMMARY_KEYS = ["task", "model", "condition", "temperature", "error_type"]
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+def wilson_interval(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials; (nan, nan) when n == 0.
+
+    Unlike the normal interval it stays inside [0, 1] and is sensible at k = 0,
+    which is exactly where a model that never recognizes anything sits.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = k / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+# ---------------------------------------------------------------------------
+# Prompt text: the exact format the trainer uses (traces.py)
+# ---------------------------------------------------------------------------
+
+
+def render_prefix(prompt: str, steps: Sequence[str]) -> str:
+    """Prompt line + each step, every line ending in a newline (what the model was trained on)."""
+    return prompt + "\n" + "".join(s + "\n" for s in steps)
+
+
+def state_after(task: Task, problem: Problem, steps: Sequence[str]) -> Any:
+    """The verifier state after a sequence of lines, retracting on recognition lines."""
+    state = task.initial_state(problem)
+    history: list[Any] = []
+    for line in steps:
+        if is_recognition(line):
+            if history:
+                state = history.pop()
+            continue
+        history.append(state)
+        state = task.apply_step(state, line)
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Metric definitions: pure functions on (task, state, continuation lines)
+# ---------------------------------------------------------------------------
+
+
+def count_false_alarms(events: Sequence[LineEvent]) -> tuple[int, int]:
+    """(correct steps, recognition lines right after one of them) over judged lines."""
+    n_ok = n_fa = 0
+    for i, ev in enumerate(events):
+        if ev.kind == "step_ok":
+            n_ok += 1
+            if i + 1 < len(events) and events[i + 1].kind == "recognition":
+                n_fa += 1
+    return n_ok, n_fa
+
+
+def complete_lines(text: str) -> list[str]:
+    """Lines of a generation, dropping a last line cut off by the token cap.
+
+    A finished line ends in a newline (every trained line does, the answer line
+    included), so an unterminated non-answer tail is a truncation, not a step the
+    model chose to write, and must not be counted as an error or a correct step.
+    """
+    lines = split_lines(text)
+    if lines and not text.rstrip(" \t").endswith("\n"):
+        if not lines[-1].startswith(ANSWER_PREFIX.strip()):
+            lines = lines[:-1]
+    return lines
+
+
+def score_after_error(
+    task: Task, problem: Problem, state_before: Any, wrong_step: str, continuation: str
+) -> dict[str, Any]:
+    """Score the model's continuation right after a wrong step (``synthetic``, ``ft_errors``).
+
+    ``state_before`` is the state in which ``wrong_step`` was written.
+    """
+    lines = complete_lines(continuation)
+    nxt = lines[0] if lines else None
+    recognized = nxt is not None and is_recognition(nxt)
+    after = lines[1] if recognized and len(lines) > 1 else None
+    corrected = after is not None and task.check_step(state_before, after)
+    parroted = after is not None and after.strip() == wrong_step.strip()
+    # Walk from S with W written, so a recognition retracts W back to S.
+    events = walk_trace(task, problem, [wrong_step, *lines], state=state_before)[1:]
+    n_ok, n_fa = count_false_alarms(events)
+    return {
+        "next_line": nxt,
+        "after_line": after,
+        "recognized": recognized,
+        "corrected": corrected,
+        "parroted": parroted,
+        "correct": final_answer_correct(task, problem, continuation),
+        "false_alarm": n_fa > 0,
+        "n_ok_steps": n_ok,
+        "n_false_alarms": n_fa,
+    }
+
+
+def score_free_generation(task: Task, problem: Problem, completion: str) -> dict[str, Any]:
+    """Score a free generation from the prompt (``clean``).
+
+    ``recognized`` = any recognition line at all; ``corrected`` = recognized and the
+    trace still ends with the right answer (a self-corrected trace); ``parroted``
+    is not defined here (see ``own_errors``).
+    """
+    lines = complete_lines(completion)
+    events = walk_trace(task, problem, lines)
+    n_ok, n_fa = count_false_alarms(events)
+    recognized = any(ev.kind == "recognition" for ev in events)
+    correct = final_answer_correct(task, problem, completion)
+    return {
+        "next_line": lines[0] if lines else None,
+        "after_line": None,
+        "recognized": recognized,
+        "corrected": recognized and correct,
+        "parroted": None,
+        "correct": correct,
+        "false_alarm": n_fa > 0,
+        "n_ok_steps": n_ok,
+        "n_false_alarms": n_fa,
+    }
+
+
+def own_errors(task: Task, problem: Problem, completion: str) -> list[dict[str, Any]]:
+    """Every wrong step of a free generation with what the model did next (``own_errors``).
+
+    Each wrong step W (malformed lines included, classified ``other``) yields
+    recognized / corrected / parroted exactly as after an injected error; the
+    state S is the one the model was in when it wrote W.
+    """
+    lines = complete_lines(completion)
+    events = walk_trace(task, problem, lines)
+    correct = final_answer_correct(task, problem, completion)
+    out = []
+    for i, ev in enumerate(events):
+        if ev.kind != "step_wrong":
+            continue
+        nxt = events[i + 1].line if i + 1 < len(events) else None
+        recognized = i + 1 < len(events) and events[i + 1].kind == "recognition"
+        after = events[i + 2].line if recognized and i + 2 < len(events) else None
+        gold = task.correct_steps(ev.state_before)
+        out.append(
+            {
+                "step_index": ev.index,
+                "prefix": render_prefix(task.prompt(problem), lines[: ev.index]),
+                "wrong_step": ev.line,
+                "gold_step": gold[0] if gold else None,
+                "error_type": classify_error(task, ev.state_before, ev.line),
+                "next_line": nxt,
+                "after_line": after,
+                "recognized": recognized,
+                "corrected": after is not None and task.check_step(ev.state_before, after),
+                "parroted": after is not None and after.strip() == ev.line.strip(),
+                "correct": correct,
+                # False alarms are a property of the whole generation: see summarize().
+                "false_alarm": None,
+                "n_ok_steps": None,
+                "n_false_alarms": None,
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Items: what the model is asked to continue, per condition
+# ---------------------------------------------------------------------------
+
+
+def _item(
+    condition: str,
+    item_id: str,
+    problem_id: str,
+    prompt: str,
+    prefix_steps: Sequence[str],
+    wrong_step: str | None = None,
+    gold_step: str | None = None,
+    error_type: str | None = None,
+) -> dict[str, Any]:
+    steps = list(prefix_steps) + ([wrong_step] if wrong_step is not None else [])
+    return {
+        "condition": condition,
+        "item_id": item_id,
+        "problem_id": problem_id,
+        "prompt": prompt,
+        "prefix_steps": list(prefix_steps),
+        "prefix": render_prefix(prompt, steps),
+        "step_index": len(prefix_steps) if wrong_step is not None else None,
+        "wrong_step": wrong_step,
+        "gold_step": gold_step,
+        "error_type": error_type,
+    }
+
+
+def _take(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    return rows if limit <= 0 else rows[:limit]
+
+
+def clean_items(test_rows: list[dict[str, Any]], max_problems: int = 0) -> list[dict[str, Any]]:
+    """One item per test problem (the first ``max_problems``; 0 = all): the bare prompt."""
+    return [
+        _item("clean", r["problem_id"], r["problem_id"], r["prompt"], [])
+        for r in _take(test_rows, max_problems)
+    ]
+
+
+def synthetic_items(
+    task: Task,
+    test_rows: list[dict[str, Any]],
+    seed: int,
+    max_problems: int = 0,
+    weights: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """One item per test problem: golden steps up to a random position, then one fresh
+    synthetic error there. Seeded per problem, so adding problems never changes old items."""
+    items = []
+    for r in _take(test_rows, max_problems):
+        problem = task.parse_prompt(r["prompt"])
+        golden = task.golden_steps(problem)
+        states, state = [], task.initial_state(problem)
+        for step in golden:
+            states.append(state)
+            state = task.apply_step(state, step)
+        # Only positions where some error type applies under these weights.
+        ok = [i for i, s in enumerate(states) if applicable_weights(task, s, weights)]
+        if not ok:
+            continue
+        rng = stream_rng(seed, task.name, "eval-synthetic", r["problem_id"])
+        i = ok[int(rng.integers(len(ok)))]
+        wrong, etype = sample_error(task, states[i], rng, weights)
+        items.append(
+            _item(
+                "synthetic",
+                f"{r['problem_id']}-syn",
+                r["problem_id"],
+                r["prompt"],
+                golden[:i],
+                wrong,
+                golden[i],
+                etype,
+            )
+        )
+    return items
+
+
+def ft_error_items(
+    task: Task, harvest_rows: list[dict[str, Any]], seed: int, max_errors: int = 0
+) -> list[dict[str, Any]]:
+    """Items from harvested FT errors (``<task>/harvest/ft-test.parquet`` rows).
+
+    A seeded subset of ``max_errors`` (0 = all), so a cap does not just keep the
+    first problems' errors; kept in error_id order.
+    """
+    rows = sorted(harvest_rows, key=lambda r: str(r["error_id"]))
+    if 0 < max_errors < len(rows):
+        rng = stream_rng(seed, task.name, "eval-ft_errors")
+        keep = sorted(rng.choice(len(rows), size=max_errors, replace=False).tolist())
+        rows = [rows[i] for i in keep]
+    items = []
+    for r in rows:
+        if r.get("prefix_steps") is not None:
+            steps = list(r["prefix_steps"])
+        else:  # the prefix text: prompt line, then the steps
+            steps = split_lines(r["prefix"])[1:]
+        items.append(
+            _item(
+                "ft_errors",
+                str(r["error_id"]),
+                r["problem_id"],
+                r["prompt"],
+                steps,
+                r["wrong_step"],
+                r.get("gold_step"),
+                r["error_type"],
+            )
+        )
+    return items
+
+
+def generation_seed(seed: int, task: str, item_id: str, temperature: float) -> int:
+    """Sampling seed of one (item, temperature): same for every model (common random numbers)."""
+    rng = stream_rng(seed, task, "eval-generate", item_id, f"{float(temperature):.6g}")
+    return int(rng.integers(0, 2**31 - 1))
+
+
+# ---------------------------------------------------------------------------
+# Scoring items once their completions are back
+# ---------------------------------------------------------------------------
+
+
+def score_items(
+    task: Task, items: Iterable[dict[str, Any]], completions: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Items (with ``temperature`` and ``seed``) + completions -> eval rows.
+
+    ``clean`` items also yield their ``own_errors`` rows (same generations).
+    """
+    out = []
+    for it, completion in zip(items, completions, strict=True):
+        problem = task.parse_prompt(it["prompt"])
+        base = {k: it.get(k) for k in ITEM_COLUMNS if k in it}
+        base.update(trace_id=it["item_id"], completion=completion)
+        if it["condition"] == "clean":
+            out.append({**base, **score_free_generation(task, problem, completion)})
+            for j, err in enumerate(own_errors(task, problem, completion)):
+                out.append(
+                    {
+                        **base,
+                        **err,
+                        "condition": "own_errors",
+                        "item_id": f"{it['item_id']}-own{j}",
+                    }
+                )
+        else:
+            state = state_after(task, problem, it["prefix_steps"])
+            scores = score_after_error(task, problem, state, it["wrong_step"], completion)
+            out.append({**base, **scores})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Summary: DESIGN 7 columns with Wilson intervals, aggregate + per error type
+# ---------------------------------------------------------------------------
+
+
+def _rate(row: dict[str, Any], name: str, k: float, n: float) -> None:
+    row[name] = k / n if n > 0 else math.nan
+    row[f"{name}_lo"], row[f"{name}_hi"] = wilson_interval(k, n)
+
+
+def _summary_row(
+    key: dict[str, Any], g: pd.DataFrame, fa_source: pd.DataFrame | None
+) -> dict[str, Any]:
+    row: dict[str, Any] = dict(key)
+    n = len(g)
+    rec = int(g["recognized"].fillna(False).astype(bool).sum())
+    cor = int(g["corrected"].fillna(False).astype(bool).sum())
+    par_defined = g["parroted"].notna()
+    par = int(g.loc[par_defined, "parroted"].astype(bool).sum())
+    row["n"] = n
+    row["n_recognized"] = rec
+    _rate(row, "accuracy", int(g["correct"].astype(bool).sum()), n)
+    _rate(row, "recognition_rate", rec, n)
+    _rate(row, "correction_rate", cor, n)
+    _rate(row, "parrot_rate", par, int(par_defined.sum()))
+    if fa_source is None:
+        n_ok, n_fa = 0, 0
+    else:
+        # Counted once per generation (own_errors rows share their generation).
+        per_trace = fa_source.drop_duplicates("trace_id")
+        n_ok = int(per_trace["n_ok_steps"].fillna(0).sum())
+        n_fa = int(per_trace["n_false_alarms"].fillna(0).sum())
+    row["n_ok_steps"] = n_ok
+    row["n_false_alarms"] = n_fa
+    _rate(row, "false_alarm_rate", n_fa, n_ok)
+    _rate(row, "correction_given_recognition", cor, rec)
+    _rate(row, "parrot_given_recognition", par, rec if par_defined.any() else 0)
+    return row
+
+
+def summarize(rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
+    """Eval rows -> one summary row per task x model x condition x temperature x error_type.
+
+    ``error_type`` is ``"all"`` for the aggregate and each type otherwise (not for
+    ``clean``, which has no errors). The false-alarm rate of ``own_errors`` is over
+    all free generations (the ``clean`` rows), since false alarms happen after
+    correct steps, most of all in traces without any error; per-type rows of
+    ``own_errors`` leave it undefined (NaN).
+    """
+    df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
+    out = []
+    if df.empty:
+        return pd.DataFrame(columns=_summary_columns())
+    base_keys = ["task", "model", "condition", "temperature"]
+    for key_vals, g in df.groupby(base_keys, sort=True, dropna=False):
+        key = dict(zip(base_keys, key_vals, strict=True))
+        cond = key["condition"]
+        if cond == "own_errors":
+            free = df[
+                (df["task"] == key["task"])
+                & (df["model"] == key["model"])
+                & (df["condition"] == "clean")
+                & (df["temperature"] == key["temperature"])
+            ]
+            fa_all = free if len(free) else None
+        else:
+            fa_all = g
+        out.append(_summary_row({**key, "error_type": ALL_TYPES}, g, fa_all))
+        if cond == "clean":
+            continue
+        for etype, ge in g.groupby("error_type", sort=True):
+            fa = None if cond == "own_errors" else ge
+            out.append(_summary_row({**key, "error_type": etype}, ge, fa))
+    return pd.DataFrame(out, columns=_summary_columns())
+
+
+def _summary_columns() -> list[str]:
+    cols = SUMMARY_KEYS + ["n", "n_recognized", "n_ok_steps", "n_false_alarms"]
+    for r in RATES:
+        cols += [r, f"{r}_lo", f"{r}_hi"]
+    return cols
+
+
+def empty_rows_frame() -> pd.DataFrame:
+    return pd.DataFrame(columns=ITEM_COLUMNS)
+
+
+def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Eval rows in the fixed column order, with stable dtypes for Parquet."""
+    df = pd.DataFrame(rows, columns=ITEM_COLUMNS)
+    for c in ("recognized", "corrected", "parroted", "correct", "false_alarm"):
+        df[c] = df[c].astype("boolean")
+    for c in ("step_index", "n_ok_steps", "n_false_alarms", "seed"):
+        df[c] = df[c].astype("Int64")
+    df["temperature"] = df["temperature"].astype(float)
+    return df
+
+
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Deterministic row order (condition, temperature, item) whatever order Ray returned."""
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    return (
+        df.assign(_c=df["condition"].map(order))
+        .sort_values(["_c", "temperature", "item_id"], kind="stable")
+        .drop(columns="_c")
+        .reset_index(drop=True)
+    )
