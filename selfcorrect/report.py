@@ -1,0 +1,776 @@
+"""Report: a run directory -> ``report.md`` + ``figures/*.png`` (DESIGN 5, 7).
+
+Everything here reads the Parquet files of DESIGN 7 and nothing else, so the
+same functions serve the report stage and ``notebooks/analysis.ipynb``:
+
+    run = load_run("runs/tiny")                  # local dir or URI
+    sub = select(run, task="sudoku", method=["ft", "eift"], error_type="invalid")
+    fig_figure6(sub)                             # a matplotlib Figure, or None
+    write_report("runs/tiny")                    # report.md + figures/
+
+Each figure function returns ``None`` when its input is absent (a stage that
+was switched off or has not run yet); ``write_report`` then writes a short
+note instead of the figure, so a partial run still gets a report.
+"""
+
+from __future__ import annotations
+
+import io as _bytesio
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import yaml
+
+# Figures are built with the object API (no pyplot): no display needed on clusters and CI,
+# no global figure state, and a notebook shows them with display(fig).
+from matplotlib.figure import Figure
+
+from selfcorrect import io
+
+TASKS = ("multiplication", "sudoku")
+MODELS = ("ft", "eift", "hybrid", "insec", "grpo")
+CONDITIONS = ("clean", "synthetic", "ft_errors", "own_errors")
+ERROR_CONDITIONS = ("synthetic", "ft_errors", "own_errors")
+RATES = ("accuracy", "recognition_rate", "correction_rate", "parrot_rate", "false_alarm_rate")
+CONDITION_LABEL = {
+    "clean": "clean",
+    "synthetic": "synthetic errors",
+    "ft_errors": "FT errors",
+    "own_errors": "own errors",
+}
+CONDITION_COLOR = {
+    "clean": "#7f7f7f",
+    "synthetic": "#4c72b0",
+    "ft_errors": "#dd8452",
+    "own_errors": "#55a868",
+}
+# Tune: hyperparameters we know how to put on an x axis, metrics on a y axis (first found wins).
+TUNE_PARAMS = ("injection_rate", "max_errors", "w_recognition")
+TUNE_METRICS = (
+    "accuracy",
+    "recognition_rate",
+    "correction_rate",
+    "own_recognition_rate",
+    "own_correction_rate",
+    "val_loss",
+    "loss",
+)
+
+
+@dataclass
+class Run:
+    """All tables of one run directory, each with ``task`` (and ``model``/``split``) columns."""
+
+    root: str
+    config: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    summary: pd.DataFrame | None = None  # eval_summary.parquet
+    evals: pd.DataFrame | None = None  # <task>/eval/<model>.parquet, concatenated
+    harvest: pd.DataFrame | None = None  # <task>/harvest/<model>-<split>.parquet
+    coverage: pd.DataFrame | None = None  # <task>/coverage/<model>.parquet
+    tune: pd.DataFrame | None = None  # <task>/tune/results.parquet
+    notes: list[str] = field(default_factory=list)  # files that could not be read
+
+    @property
+    def tasks(self) -> list[str]:
+        found: set[str] = set()
+        for df in (self.summary, self.evals, self.harvest, self.coverage, self.tune):
+            if df is not None and "task" in df:
+                found.update(df["task"].dropna().unique())
+        order = list(self.config.get("tasks") or TASKS)
+        return [t for t in order if t in found] + sorted(found - set(order))
+
+    @property
+    def models(self) -> list[str]:
+        found: set[str] = set()
+        for df in (self.summary, self.evals):
+            if df is not None and "model" in df:
+                found.update(df["model"].dropna().unique())
+        return [m for m in MODELS if m in found] + sorted(found - set(MODELS))
+
+    @property
+    def error_types(self) -> list[str]:
+        found: set[str] = set()
+        for df in (self.harvest, self.coverage, self.evals):
+            if df is not None and "error_type" in df:
+                found.update(str(x) for x in df["error_type"].dropna().unique())
+        return sorted(found - {"other"}) + (["other"] if "other" in found else [])
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if io.is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _list(path: str, suffix: str) -> list[str]:
+    """File names (not paths) in ``path`` ending with ``suffix``; [] when the folder is absent."""
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.base_name.endswith(suffix)
+        and not i.base_name.startswith(".")
+    )
+
+
+def _read(path: str, notes: list[str], **extra: str) -> pd.DataFrame | None:
+    """One Parquet file as a DataFrame with ``extra`` constant columns; a bad file becomes a note."""
+    try:
+        df = io.read_parquet(path).to_pandas()
+    except (OSError, ValueError) as e:
+        notes.append(f"skipped {path}: {e}")
+        return None
+    for k, v in extra.items():
+        if k not in df.columns:
+            df[k] = v
+    return df
+
+
+def _concat(frames: Iterable[pd.DataFrame | None]) -> pd.DataFrame | None:
+    frames = [f for f in frames if f is not None and len(f.columns)]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def load_run(root: str) -> Run:
+    """Read every result table of a run directory (local path or pyarrow URI).
+
+    Missing stages simply leave their table as ``None``.
+    """
+    root = str(root)
+    if not io.exists(root):
+        raise FileNotFoundError(
+            f"run directory {root} does not exist; run the pipeline first "
+            f"(python -m rayjobs.pipeline --config configs/tiny.yaml --output-dir {root})"
+        )
+    run = Run(root=root)
+    if io.exists(io.join(root, "config.yaml")):
+        run.config = yaml.safe_load(io.read_bytes(io.join(root, "config.yaml")).decode()) or {}
+    if io.exists(io.join(root, "manifest.json")):
+        run.manifest = io.read_json(io.join(root, "manifest.json"))
+    notes = run.notes
+    summary = io.join(root, "eval_summary.parquet")
+    if io.exists(summary):
+        run.summary = _read(summary, notes)
+
+    tasks = list(run.config.get("tasks") or [])
+    tasks += [t for t in TASKS if t not in tasks and io.exists(io.join(root, t))]
+    evals, harvest, coverage, tune = [], [], [], []
+    for task in tasks:
+        d = io.join(root, task, "eval")
+        evals += [
+            _read(io.join(d, f), notes, task=task, model=f[:-8]) for f in _list(d, ".parquet")
+        ]
+        d = io.join(root, task, "harvest")
+        for f in _list(d, ".parquet"):
+            model, _, split = f[:-8].rpartition("-")
+            harvest.append(_read(io.join(d, f), notes, task=task, model=model, split=split))
+        d = io.join(root, task, "coverage")
+        coverage += [
+            _read(io.join(d, f), notes, task=task, model=f[:-8]) for f in _list(d, ".parquet")
+        ]
+        p = io.join(root, task, "tune", "results.parquet")
+        if io.exists(p):
+            tune.append(_read(p, notes, task=task))
+    run.evals, run.harvest = _concat(evals), _concat(harvest)
+    run.coverage, run.tune = _concat(coverage), _concat(tune)
+    return run
+
+
+def select(
+    run: Run,
+    task: str | list[str] | None = None,
+    method: str | list[str] | None = None,
+    error_type: str | list[str] | None = None,
+) -> Run:
+    """The same run restricted to some tasks / methods (models) / error types.
+
+    ``error_type`` filters every row-level table that has an ``error_type`` column
+    (harvest, coverage, per-item eval); the summary has no error types, so figures
+    built from it (Figure 6, accuracy, temperature) are recomputed from the per-item
+    eval rows when those rows carry the columns needed, and otherwise stay as they are.
+    """
+
+    def as_list(x: str | list[str] | None) -> list[str] | None:
+        return None if x is None else ([x] if isinstance(x, str) else list(x))
+
+    tasks, models, types = as_list(task), as_list(method), as_list(error_type)
+
+    def keep(df: pd.DataFrame | None, by_model: bool = True) -> pd.DataFrame | None:
+        if df is None:
+            return None
+        m = pd.Series(True, index=df.index)
+        if tasks is not None and "task" in df:
+            m &= df["task"].isin(tasks)
+        if by_model and models is not None and "model" in df:
+            m &= df["model"].isin(models)
+        if types is not None and "error_type" in df:
+            m &= df["error_type"].isin(types)
+        return df[m].reset_index(drop=True)
+
+    out = replace(
+        run,
+        summary=keep(run.summary),
+        evals=keep(run.evals),
+        # Harvest and coverage are about the FT model's errors: a method filter does not apply.
+        harvest=keep(run.harvest, by_model=False),
+        coverage=keep(run.coverage, by_model=False),
+        tune=keep(run.tune, by_model=False),
+        notes=list(run.notes),
+    )
+    if types is not None and out.evals is not None:
+        recomputed = summary_from_evals(out.evals)
+        if recomputed is not None:
+            out.summary = recomputed
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n ((nan, nan) when n == 0)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+# Per-item eval columns that, when present, let us recompute rates for a slice.
+_ITEM_FLAGS = {
+    "accuracy": "correct",
+    "recognition_rate": "recognized",
+    "correction_rate": "corrected",
+    "parrot_rate": "parroted",
+    "false_alarm_rate": "false_alarm",
+}
+
+
+def summary_from_evals(evals: pd.DataFrame) -> pd.DataFrame | None:
+    """Summary rows (DESIGN 7 columns) from per-item eval rows, or None if they lack the flags.
+
+    Used to re-slice by error type, which the summary cannot do.
+    """
+    need = {"task", "model", "condition", "temperature"}
+    flags = {r: c for r, c in _ITEM_FLAGS.items() if c in evals.columns}
+    if not need <= set(evals.columns) or not flags:
+        return None
+    rows = []
+    for key, g in evals.groupby(sorted(need), dropna=False):
+        row = dict(zip(sorted(need), key, strict=True), n=len(g))
+        for rate in RATES:
+            col = flags.get(rate)
+            vals = g[col].dropna().astype(float) if col else pd.Series(dtype=float)
+            k, n = float(vals.sum()), len(vals)
+            row[rate] = k / n if n else math.nan
+            row[f"{rate}_lo"], row[f"{rate}_hi"] = wilson(k, n)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def greedy(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows at the lowest temperature of each task x model (0.0 = greedy when evaluated)."""
+    if "temperature" not in summary:
+        return summary
+    t0 = summary.groupby(["task", "model"])["temperature"].transform("min")
+    return summary[summary["temperature"] == t0]
+
+
+def _fmt(v: float, lo: float | None = None, hi: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if lo is None or hi is None or any(isinstance(x, float) and math.isnan(x) for x in (lo, hi)):
+        return f"{v:.2f}"
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _order(values: Iterable[str], preferred: Iterable[str]) -> list[str]:
+    vals = list(dict.fromkeys(values))
+    pref = [p for p in preferred if p in vals]
+    return pref + sorted(v for v in vals if v not in pref)
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+
+
+def figure6_table(run: Run) -> pd.DataFrame | None:
+    """Figure-6 numbers: recognition and correction per task x method x error origin (greedy).
+
+    Cells are ``rate [lo, hi]`` strings (95% intervals from the summary).
+    """
+    s = run.summary
+    if s is None or s.empty or not {"condition", "recognition_rate"} <= set(s.columns):
+        return None
+    s = greedy(s[s["condition"].isin(ERROR_CONDITIONS)])
+    if s.empty:
+        return None
+    rows = []
+    for task in _order(s["task"], run.tasks):
+        for model in _order(s[s["task"] == task]["model"], MODELS):
+            row: dict[str, Any] = {"task": task, "method": model}
+            for cond in ERROR_CONDITIONS:
+                r = s[(s["task"] == task) & (s["model"] == model) & (s["condition"] == cond)]
+                for rate, short in (("recognition_rate", "recog"), ("correction_rate", "correct")):
+                    col = f"{short} {CONDITION_LABEL[cond]}"
+                    if r.empty:
+                        row[col] = "–"
+                    else:
+                        x = r.iloc[0]
+                        row[col] = _fmt(x[rate], x.get(f"{rate}_lo"), x.get(f"{rate}_hi"))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rates_table(run: Run, condition: str, rates: Iterable[str]) -> pd.DataFrame | None:
+    """One row per task x method at greedy decoding: the given rates with intervals, and n."""
+    s = run.summary
+    if s is None or s.empty or "condition" not in s:
+        return None
+    s = greedy(s[s["condition"] == condition])
+    if s.empty:
+        return None
+    rows = []
+    for task in _order(s["task"], run.tasks):
+        for model in _order(s[s["task"] == task]["model"], MODELS):
+            x = s[(s["task"] == task) & (s["model"] == model)].iloc[0]
+            row = {"task": task, "method": model, "n": int(x.get("n", 0))}
+            for rate in rates:
+                if rate in x:
+                    row[rate.replace("_rate", "")] = _fmt(
+                        x[rate], x.get(f"{rate}_lo"), x.get(f"{rate}_hi")
+                    )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def coverage_table(run: Run) -> pd.DataFrame | None:
+    """Per task x error type: on-policy errors, share covered by synthetic sampling, mean p_exact."""
+    c = run.coverage
+    if c is None or c.empty or "covered" not in c:
+        return None
+    rows = []
+    for (task, et), g in c.groupby(["task", "error_type"], dropna=False):
+        k, n = int(g["covered"].sum()), len(g)
+        lo, hi = wilson(k, n)
+        p = g["p_exact"].astype(float) if "p_exact" in g else pd.Series(dtype=float)
+        rows.append(
+            {
+                "task": task,
+                "error_type": et,
+                "errors": n,
+                "covered": _fmt(k / n, lo, hi),
+                "median p_exact": f"{p.median():.2g}" if len(p) else "–",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Figures (each returns None when its input is absent)
+# ---------------------------------------------------------------------------
+
+
+def _subplots(rows: int, cols: int, figsize: tuple[float, float], **kw: Any) -> tuple[Figure, Any]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=False, **kw)
+
+
+def _bars(
+    ax: Any, groups: list[str], series: dict[str, list[tuple[float, float, float]]], colors: dict
+) -> None:
+    """Grouped bars: ``series[name][i] = (value, lo, hi)`` for ``groups[i]``."""
+    k = max(1, len(series))
+    width = 0.8 / k
+    x = np.arange(len(groups))
+    for j, (name, vals) in enumerate(series.items()):
+        v = np.array([a for a, _, _ in vals], dtype=float)
+        lo = np.array([b for _, b, _ in vals], dtype=float)
+        hi = np.array([c for _, _, c in vals], dtype=float)
+        err = np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)])
+        err = np.nan_to_num(err)
+        ax.bar(
+            x + (j - (k - 1) / 2) * width,
+            np.nan_to_num(v),
+            width,
+            yerr=err,
+            capsize=2,
+            label=CONDITION_LABEL.get(name, name),
+            color=colors.get(name),
+        )
+    ax.set_xticks(x, groups)
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _triple(row: pd.Series | None, rate: str) -> tuple[float, float, float]:
+    if row is None:
+        return (math.nan, math.nan, math.nan)
+    return (
+        float(row[rate]),
+        float(row.get(f"{rate}_lo", math.nan)),
+        float(row.get(f"{rate}_hi", math.nan)),
+    )
+
+
+def _row(s: pd.DataFrame, **eq: Any) -> pd.Series | None:
+    m = pd.Series(True, index=s.index)
+    for k, v in eq.items():
+        m &= s[k] == v
+    return s[m].iloc[0] if m.any() else None
+
+
+def fig_figure6(run: Run) -> Figure | None:
+    """Recognition (top) and correction (bottom) per method, for synthetic / FT / own errors."""
+    s = run.summary
+    if s is None or s.empty or "condition" not in s:
+        return None
+    s = greedy(s[s["condition"].isin(ERROR_CONDITIONS)])
+    if s.empty:
+        return None
+    tasks = _order(s["task"], run.tasks)
+    fig, axes = _subplots(2, len(tasks), figsize=(5.5 * len(tasks), 6.5), sharey=True)
+    for j, task in enumerate(tasks):
+        st = s[s["task"] == task]
+        models = _order(st["model"], MODELS)
+        conds = [c for c in ERROR_CONDITIONS if c in set(st["condition"])]
+        for i, (rate, label) in enumerate(
+            (("recognition_rate", "recognition"), ("correction_rate", "correction"))
+        ):
+            series = {
+                c: [_triple(_row(st, model=m, condition=c), rate) for m in models] for c in conds
+            }
+            ax = axes[i][j]
+            _bars(ax, models, series, CONDITION_COLOR)
+            ax.set_title(f"{task}: {label}")
+            if j == 0:
+                ax.set_ylabel(f"{label} rate (95% CI)")
+    axes[0][0].legend(loc="upper right", fontsize=8)
+    fig.suptitle("Recognition and correction by error origin (greedy decoding)")
+    fig.tight_layout()
+    return fig
+
+
+def fig_accuracy(run: Run) -> Figure | None:
+    """Final-answer accuracy on clean test problems per method (greedy, 95% CI)."""
+    s = run.summary
+    if s is None or s.empty or "condition" not in s:
+        return None
+    s = greedy(s[s["condition"] == "clean"])
+    if s.empty:
+        return None
+    tasks = _order(s["task"], run.tasks)
+    fig, axes = _subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8))
+    for j, task in enumerate(tasks):
+        st = s[s["task"] == task]
+        models = _order(st["model"], MODELS)
+        series = {"clean": [_triple(_row(st, model=m), "accuracy") for m in models]}
+        ax = axes[0][j]
+        _bars(ax, models, series, CONDITION_COLOR)
+        ax.set_title(f"{task}: accuracy")
+        ax.set_ylabel("final-answer accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def fig_coverage(run: Run) -> Figure | None:
+    """Share of on-policy errors that synthetic sampling reproduces exactly, and p_exact spread."""
+    c = run.coverage
+    if c is None or c.empty or "covered" not in c:
+        return None
+    tasks = _order(c["task"], run.tasks)
+    fig, axes = _subplots(2, len(tasks), figsize=(5.5 * len(tasks), 6.5))
+    for j, task in enumerate(tasks):
+        ct = c[c["task"] == task]
+        types = _order(ct["error_type"].astype(str), run.error_types)
+        vals = []
+        for t in types:
+            g = ct[ct["error_type"].astype(str) == t]
+            k, n = float(g["covered"].sum()), len(g)
+            vals.append((k / n if n else math.nan, *wilson(k, n)))
+        ax = axes[0][j]
+        _bars(ax, types, {"covered": vals}, {"covered": "#8172b3"})
+        ax.set_title(f"{task}: covered by synthetic errors")
+        ax.set_ylabel("share of on-policy errors")
+        ax.tick_params(axis="x", rotation=30)
+        ax = axes[1][j]
+        p = ct["p_exact"].astype(float) if "p_exact" in ct else pd.Series(dtype=float)
+        p = p[p > 0]
+        if len(p):
+            ax.hist(np.log10(p), bins=20, color="#8172b3")
+        n0 = int((ct.get("p_exact", pd.Series(dtype=float)).astype(float) == 0).sum())
+        ax.set_title(f"{task}: p_exact of covered errors ({n0} never sampled)")
+        ax.set_xlabel("log10 p_exact")
+        ax.set_ylabel("errors")
+    fig.tight_layout()
+    return fig
+
+
+def fig_error_types(run: Run) -> Figure | None:
+    """Histogram of the harvested (on-policy) error types per task and split."""
+    h = run.harvest
+    if h is None or h.empty or "error_type" not in h:
+        return None
+    tasks = _order(h["task"], run.tasks)
+    fig, axes = _subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8))
+    for j, task in enumerate(tasks):
+        ht = h[h["task"] == task]
+        counts = ht.groupby([ht["error_type"].astype(str), "split"]).size().unstack(fill_value=0)
+        counts = counts.reindex(_order(counts.index, run.error_types))
+        ax = axes[0][j]
+        splits = list(counts.columns)
+        x = np.arange(len(counts.index))
+        w = 0.8 / max(1, len(splits))
+        for k, sp in enumerate(splits):
+            ax.bar(x + (k - (len(splits) - 1) / 2) * w, counts[sp].to_numpy(), w, label=sp)
+        ax.set_xticks(x, list(counts.index), rotation=30)
+        ax.set_title(f"{task}: on-policy error types ({len(ht)} errors)")
+        ax.set_ylabel("errors")
+        ax.legend(title="split", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def tune_columns(tune: pd.DataFrame) -> tuple[str | None, list[str]]:
+    """The swept hyperparameter (x) and the metric columns (y) found in tune/results.parquet."""
+    x = next(
+        (p for p in TUNE_PARAMS if p in tune.columns and tune[p].nunique(dropna=True) > 1),
+        next((p for p in TUNE_PARAMS if p in tune.columns), None),
+    )
+    ys = [m for m in TUNE_METRICS if m in tune.columns and pd.api.types.is_numeric_dtype(tune[m])]
+    return x, ys
+
+
+def fig_tune(run: Run) -> Figure | None:
+    """Metrics of the Ray Tune sweep against the injection rate (mean over samples per point)."""
+    t = run.tune
+    if t is None or t.empty:
+        return None
+    x, ys = tune_columns(t)
+    if x is None or not ys:
+        return None
+    tasks = _order(t["task"], run.tasks)
+    fig, axes = _subplots(len(ys), len(tasks), figsize=(5 * len(tasks), 2.8 * len(ys)))
+    for j, task in enumerate(tasks):
+        g = t[t["task"] == task].groupby(x)[ys].agg(["mean", "min", "max"])
+        for i, y in enumerate(ys):
+            ax = axes[i][j]
+            xs = g.index.to_numpy(dtype=float)
+            ax.plot(xs, g[(y, "mean")], marker="o")
+            ax.fill_between(xs, g[(y, "min")], g[(y, "max")], alpha=0.2)
+            ax.set_title(f"{task}: {y}")
+            ax.set_xlabel(x)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def fig_temperature(run: Run) -> Figure | None:
+    """Accuracy (clean) and recognition of own errors against decoding temperature."""
+    s = run.summary
+    if s is None or s.empty or "temperature" not in s or s["temperature"].nunique() < 2:
+        return None
+    tasks = _order(s["task"], run.tasks)
+    panels = [("clean", "accuracy"), ("own_errors", "recognition_rate")]
+    fig, axes = _subplots(2, len(tasks), figsize=(5 * len(tasks), 6))
+    for j, task in enumerate(tasks):
+        for i, (cond, rate) in enumerate(panels):
+            ax = axes[i][j]
+            st = s[(s["task"] == task) & (s["condition"] == cond)]
+            for m in _order(st["model"], MODELS):
+                g = st[st["model"] == m].sort_values("temperature")
+                ax.plot(g["temperature"], g[rate], marker="o", label=m)
+                if f"{rate}_lo" in g:
+                    ax.fill_between(
+                        g["temperature"].astype(float),
+                        g[f"{rate}_lo"].astype(float),
+                        g[f"{rate}_hi"].astype(float),
+                        alpha=0.1,
+                    )
+            ax.set_title(f"{task}: {rate.replace('_', ' ')} ({CONDITION_LABEL[cond]})")
+            ax.set_xlabel("temperature")
+            ax.set_ylim(0, 1.05)
+            ax.grid(alpha=0.3)
+            if len(st):
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # also the PNG file name
+    title: str
+    why: str  # one sentence under the heading
+    figure: Callable[[Run], Figure | None]
+    table: Callable[[Run], pd.DataFrame | None] | None
+    missing: str  # note when the input is absent
+
+
+SECTIONS = (
+    Section(
+        "figure6",
+        "Recognition and correction by error origin (Figure 6)",
+        "Does training on synthetic errors carry over to the errors models make themselves? "
+        "Rates at greedy decoding with 95% intervals.",
+        fig_figure6,
+        figure6_table,
+        "no eval_summary.parquet with error conditions (run rayjobs.evaluate)",
+    ),
+    Section(
+        "accuracy",
+        "Final-answer accuracy",
+        "Clean test problems, greedy decoding, 95% intervals.",
+        fig_accuracy,
+        lambda r: rates_table(r, "clean", ["accuracy", "false_alarm_rate"]),
+        "no clean-condition rows in eval_summary.parquet (run rayjobs.evaluate)",
+    ),
+    Section(
+        "parrot",
+        "Parroting and false alarms on own errors",
+        "Parrot = recognized, then repeated the same wrong step; false alarm = recognition "
+        "line after a correct step.",
+        lambda r: None,
+        lambda r: rates_table(
+            r,
+            "own_errors",
+            ["recognition_rate", "correction_rate", "parrot_rate", "false_alarm_rate"],
+        ),
+        "no own_errors rows in eval_summary.parquet (run rayjobs.evaluate)",
+    ),
+    Section(
+        "coverage",
+        "Coverage of on-policy errors by synthetic sampling",
+        "For each error the FT model made, does the synthetic injector ever produce exactly "
+        "that step?",
+        fig_coverage,
+        coverage_table,
+        "no <task>/coverage/*.parquet (run rayjobs.coverage)",
+    ),
+    Section(
+        "error_types",
+        "On-policy error types",
+        "Errors harvested from the FT model, classified into the synthetic taxonomy "
+        "(`other` = fits no type).",
+        fig_error_types,
+        None,
+        "no <task>/harvest/*.parquet (run rayjobs.harvest)",
+    ),
+    Section(
+        "tune",
+        "Injection-rate sweep (Ray Tune)",
+        "Each trial trains EIFT at one injection rate and evaluates it; band = min..max over "
+        "samples.",
+        fig_tune,
+        None,
+        "no <task>/tune/results.parquet (run rayjobs.tune, or tune.enabled=true)",
+    ),
+    Section(
+        "temperature",
+        "Temperature sweep",
+        "Accuracy and recognition of own errors as sampling gets hotter.",
+        fig_temperature,
+        None,
+        "eval_summary.parquet has fewer than two temperatures (set eval.temperatures)",
+    ),
+)
+
+
+def figure_png(fig: Figure) -> bytes:
+    buf = _bytesio.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _timings(run: Run) -> pd.DataFrame | None:
+    stages = run.manifest.get("stages") or {}
+    if not stages:
+        return None
+    rows = [
+        {
+            "stage": k,
+            "status": v.get("status", "?"),
+            "seconds": f"{float(v['seconds']):.1f}" if "seconds" in v else "–",
+        }
+        for k, v in stages.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
+    """The Markdown text and the PNG figures (name -> bytes) of a loaded run."""
+    cfg = run.config
+    model = (cfg.get("model") or {}).get("path") or (cfg.get("model") or {}).get("preset", "?")
+    lines = [
+        f"# selfcorrect report: {cfg.get('name', os.path.basename(run.root.rstrip('/')))}",
+        "",
+        f"- run directory: `{run.root}`",
+        f"- tasks: {', '.join(run.tasks) or 'none found'}; methods: {', '.join(run.models) or '–'}",
+        f"- model: `{model}`; seed: {cfg.get('seed', '?')}",
+        "",
+    ]
+    figures: dict[str, bytes] = {}
+    for sec in SECTIONS:
+        lines += [f"## {sec.title}", "", sec.why, ""]
+        fig = sec.figure(run)
+        table = sec.table(run) if sec.table else None
+        if fig is None and (table is None or table.empty):
+            lines += [f"_Skipped: {sec.missing}._", ""]
+            continue
+        if table is not None and not table.empty:
+            lines += [markdown_table(table), ""]
+        if fig is not None:
+            figures[f"{sec.name}.png"] = figure_png(fig)
+            lines += [f"![{sec.title}](figures/{sec.name}.png)", ""]
+    timings = _timings(run)
+    lines += ["## Stages", ""]
+    lines += [markdown_table(timings), ""] if timings is not None else ["_No manifest.json._", ""]
+    if run.notes:
+        lines += ["## Files that could not be read", ""] + [f"- {n}" for n in run.notes] + [""]
+    return "\n".join(lines), figures
+
+
+def write_report(root: str) -> str:
+    """Write ``report.md`` and ``figures/*.png`` into the run directory; returns report.md's path.
+
+    Figures are written first and report.md last, each atomically, so a report.md
+    never points at a figure that is not there.
+    """
+    run = load_run(root)
+    text, figures = build_report(run)
+    for name, png in figures.items():
+        io.write_bytes(io.join(root, "figures", name), png)
+    path = io.join(root, "report.md")
+    io.write_text(path, text)
+    return path

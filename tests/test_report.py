@@ -1,0 +1,272 @@
+"""Report + analysis notebook on a small synthetic run directory with the DESIGN 7 columns.
+
+The run directory here is built from a seeded RNG (not by the pipeline), so these
+tests are fast and know the true numbers; tests/test_pipeline.py runs the same
+report and notebook on a real smoke run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from selfcorrect import io
+from selfcorrect.report import (
+    SECTIONS,
+    figure6_table,
+    load_run,
+    select,
+    summary_from_evals,
+    wilson,
+    write_report,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TYPES = {
+    "multiplication": ["carry", "digit", "int_10", "other"],
+    "sudoku": ["invalid", "non_naked_single", "other"],
+}
+MODELS = ["ft", "eift", "hybrid"]
+TEMPS = [0.0, 1.0]
+
+
+def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all",)) -> str:
+    """Write a small run directory: config, manifest, per-item eval, summary, harvest, coverage, tune."""
+    rng = np.random.default_rng(seed)
+    full = "all" in stages
+    io.write_text(
+        io.join(root, "config.yaml"),
+        yaml.safe_dump({"name": "synthetic", "seed": seed, "tasks": list(TYPES)}),
+    )
+    io.write_json(
+        io.join(root, "manifest.json"),
+        {"stages": {"multiplication/data": {"status": "done", "seconds": 1.5}}},
+    )
+    items = []
+    for task, types in TYPES.items():
+        if full or "harvest" in stages:
+            for split in ("train", "test"):
+                n = 30
+                io.write_parquet(
+                    io.join(root, task, "harvest", f"ft-{split}.parquet"),
+                    pd.DataFrame(
+                        {
+                            "error_id": [f"{task}-{split}-{i}" for i in range(n)],
+                            "problem_id": [f"p{i}" for i in range(n)],
+                            "task": task,
+                            "model": "ft",
+                            "temperature": 0.0,
+                            "step_index": rng.integers(0, 5, n),
+                            "prefix": "x",
+                            "wrong_step": "y",
+                            "gold_step": "z",
+                            "error_type": rng.choice(types, n),
+                        }
+                    ),
+                )
+        if full or "coverage" in stages:
+            n = 40
+            n_exact = rng.integers(0, 50, n) * (rng.random(n) < 0.6)
+            io.write_parquet(
+                io.join(root, task, "coverage", "ft.parquet"),
+                pd.DataFrame(
+                    {
+                        "error_id": [f"e{i}" for i in range(n)],
+                        "n_samples": 10000,
+                        "n_exact": n_exact,
+                        "covered": n_exact > 0,
+                        "p_exact": n_exact / 10000,
+                        "p_exact_analytic": None,
+                        "error_type": rng.choice(types, n),
+                    }
+                ),
+            )
+        if full or "tune" in stages:
+            rates = [0.05, 0.1, 0.2, 0.5]
+            io.write_parquet(
+                io.join(root, task, "tune", "results.parquet"),
+                pd.DataFrame(
+                    {
+                        "trial_id": [f"t{i}" for i in range(len(rates))],
+                        "injection_rate": rates,
+                        "accuracy": rng.random(len(rates)),
+                        "recognition_rate": rng.random(len(rates)),
+                        "val_loss": rng.random(len(rates)),
+                    }
+                ),
+            )
+        if full or "eval" in stages:
+            for model in MODELS:
+                rows = []
+                for cond in ("clean", "synthetic", "ft_errors", "own_errors"):
+                    for t in TEMPS:
+                        for i in range(25):
+                            err = cond != "clean"
+                            rec = bool(rng.random() < 0.5) if err else None
+                            rows.append(
+                                {
+                                    "task": task,
+                                    "model": model,
+                                    "condition": cond,
+                                    "temperature": t,
+                                    "item_id": f"{cond}-{i}",
+                                    "error_type": rng.choice(types) if err else None,
+                                    "correct": bool(rng.random() < 0.6),
+                                    "recognized": rec,
+                                    "corrected": (bool(rng.random() < 0.5) and rec)
+                                    if err
+                                    else None,
+                                    "parroted": (bool(rng.random() < 0.2) and rec) if err else None,
+                                    "false_alarm": bool(rng.random() < 0.05),
+                                }
+                            )
+                df = pd.DataFrame(rows)
+                io.write_parquet(io.join(root, task, "eval", f"{model}.parquet"), df)
+                items.append(df)
+    if full or "eval" in stages:
+        io.write_parquet(
+            io.join(root, "eval_summary.parquet"), summary_from_evals(pd.concat(items))
+        )
+    return root
+
+
+def test_wilson_interval_contains_estimate_and_shrinks_with_n():
+    lo, hi = wilson(30, 100)
+    assert lo < 0.3 < hi
+    lo2, hi2 = wilson(300, 1000)
+    assert hi2 - lo2 < hi - lo
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    assert all(np.isnan(wilson(0, 0)))
+
+
+def test_load_run_reads_every_table(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"))
+    run = load_run(root)
+    assert run.tasks == ["multiplication", "sudoku"]
+    assert run.models == ["ft", "eift", "hybrid"]
+    assert set(run.harvest["split"]) == {"train", "test"}
+    assert set(run.harvest["model"]) == {"ft"}
+    assert len(run.coverage) == 80 and len(run.tune) == 8
+    assert "other" == run.error_types[-1]
+    assert run.notes == []
+
+
+def test_figure6_table_matches_summary(tmp_path):
+    run = load_run(make_synthetic_run(str(tmp_path / "run")))
+    table = figure6_table(run)
+    assert list(table["task"].unique()) == ["multiplication", "sudoku"]
+    assert len(table) == 2 * len(MODELS)
+    s = run.summary
+    row = s[
+        (s.task == "sudoku")
+        & (s.model == "eift")
+        & (s.condition == "own_errors")
+        & (s.temperature == 0.0)
+    ].iloc[0]
+    cell = table[(table.task == "sudoku") & (table.method == "eift")]["recog own errors"].iloc[0]
+    expected = (
+        f"{row.recognition_rate:.2f} [{row.recognition_rate_lo:.2f}, {row.recognition_rate_hi:.2f}]"
+    )
+    assert cell == expected
+
+
+def test_select_by_error_type_recomputes_rates(tmp_path):
+    run = load_run(make_synthetic_run(str(tmp_path / "run")))
+    sub = select(run, task="sudoku", method="eift", error_type="invalid")
+    assert set(sub.harvest["error_type"]) == {"invalid"}
+    assert set(sub.summary["model"]) == {"eift"} and set(sub.summary["task"]) == {"sudoku"}
+    ev = run.evals
+    g = ev[
+        (ev.task == "sudoku")
+        & (ev.model == "eift")
+        & (ev.condition == "synthetic")
+        & (ev.temperature == 0.0)
+        & (ev.error_type == "invalid")
+    ]
+    r = sub.summary[(sub.summary.condition == "synthetic") & (sub.summary.temperature == 0.0)]
+    assert int(r["n"].iloc[0]) == len(g)
+    assert r["recognition_rate"].iloc[0] == pytest.approx(g["recognized"].astype(float).mean())
+
+
+def test_write_report_all_sections(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"))
+    path = write_report(root)
+    text = open(path).read()
+    for sec in SECTIONS:
+        assert f"## {sec.title}" in text
+    assert "_Skipped" not in text
+    for name in ("figure6", "accuracy", "coverage", "error_types", "tune", "temperature"):
+        png = tmp_path / "run" / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"figures/{name}.png" in text
+    assert "multiplication/data" in text  # stage timings from the manifest
+
+
+def test_report_skips_absent_inputs_with_a_note(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("harvest",))
+    text = open(write_report(root)).read()
+    assert "figures/error_types.png" in text
+    assert text.count("_Skipped:") == len(SECTIONS) - 1
+    assert "run rayjobs.evaluate" in text and "run rayjobs.coverage" in text
+    assert sorted(os.listdir(tmp_path / "run" / "figures")) == ["error_types.png"]
+
+
+def test_report_notes_a_corrupt_file(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"))
+    (tmp_path / "run" / "sudoku" / "coverage" / "ft.parquet").write_bytes(b"not parquet")
+    run = load_run(root)
+    assert len(run.notes) == 1 and "ft.parquet" in run.notes[0]
+    text = open(write_report(root)).read()
+    assert "Files that could not be read" in text
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the pipeline first"):
+        load_run(str(tmp_path / "nope"))
+
+
+def test_report_job_cli(tmp_path):
+    from rayjobs import report as job
+
+    root = make_synthetic_run(str(tmp_path / "run"))
+    job.main(["--output-dir", root])
+    assert (tmp_path / "run" / "report.md").exists()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["report"]["status"] == "done"
+
+
+def test_notebook_executes_on_a_run_directory(tmp_path):
+    """The analysis notebook runs top to bottom with nbclient, sliced by task/method/type."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = make_synthetic_run(str(tmp_path / "run"))
+    nb = nbformat.read(os.path.join(REPO, "notebooks", "analysis.ipynb"), as_version=4)
+    env = {
+        "SELFCORRECT_RUN": root,
+        "SELFCORRECT_TASK": "sudoku",
+        "SELFCORRECT_METHOD": "eift",
+        "SELFCORRECT_ERROR_TYPE": "invalid",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": REPO}}
+        ).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 6  # every report figure, then the sliced ones
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "slice: task=sudoku method=eift error_type=invalid" in text
