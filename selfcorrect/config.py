@@ -184,9 +184,27 @@ class EvalConfig:
     batch_size: int = _f(128, "prompts per generation batch")
     num_actors: int = _f(1, "generation actors")
     max_new_tokens: int = _f(200, "generation cap")
+    conditions: list[str] = _f(
+        ["clean", "synthetic", "ft_errors", "own_errors"],
+        "conditions to evaluate (DESIGN 7); ft_errors needs harvest/ft-test.parquet",
+    )
+    use_gpu: bool = _f(False, "one GPU per generation actor (bf16); False = CPU")
+    cpus_per_actor: int = _f(1, "CPU cores per generation actor (sets torch threads)")
 
     def validate(self) -> None:
         _check(all(t >= 0 for t in self.temperatures), "eval.temperatures", "must be >= 0")
+        _check(len(self.temperatures) > 0, "eval.temperatures", "name at least one (0 = greedy)")
+        for c in self.conditions:
+            _check(
+                c in ("clean", "synthetic", "ft_errors", "own_errors"),
+                "eval.conditions",
+                f"unknown condition {c!r}; choose from clean, synthetic, ft_errors, own_errors",
+            )
+        _check(len(self.conditions) > 0, "eval.conditions", "name at least one condition")
+        _check(self.num_actors >= 1, "eval.num_actors", "must be >= 1")
+        _check(self.cpus_per_actor >= 1, "eval.cpus_per_actor", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
 
 
 @dataclass
