@@ -196,7 +196,11 @@ def _chi2_pvalue(observed: dict, expected_p: dict, n: int) -> float:
 
 @pytest.mark.parametrize(
     "task,prompt",
-    [(Multiplication(), "5678*1234"), (Multiplication(), "9999*9999"), (Sudoku(), "1... .4.2 2.4. .3.1")],
+    [
+        (Multiplication(), "5678*1234"),
+        (Multiplication(), "9999*9999"),
+        (Sudoku(), "1... .4.2 2.4. .3.1"),
+    ],
     ids=["mul", "mul-9999", "sudoku"],
 )
 @pytest.mark.parametrize("weights", [None, {"int_10": 3.0, "digit": 1.0, "invalid": 1.0}])
@@ -209,13 +213,20 @@ def test_type_frequencies_match_configured_weights(task, prompt, weights):
             continue
         n = 20000
         _, tidx = sample_errors(task, state, n, rng, weights)
-        counts = {task.error_types[i]: int(c) for i, c in zip(*np.unique(tidx, return_counts=True), strict=True)}
+        counts = {
+            task.error_types[i]: int(c)
+            for i, c in zip(*np.unique(tidx, return_counts=True), strict=True)
+        }
         assert _chi2_pvalue(counts, w, n) > 1e-4, (counts, w)
 
 
 @pytest.mark.parametrize(
     "task,prompt",
-    [(Multiplication(), "5678*1234"), (Multiplication(3, 2), "907*58"), (Sudoku(), "1... .4.2 2.4. .3.1")],
+    [
+        (Multiplication(), "5678*1234"),
+        (Multiplication(3, 2), "907*58"),
+        (Sudoku(), "1... .4.2 2.4. .3.1"),
+    ],
     ids=["mul", "mul-zeros", "sudoku"],
 )
 def test_exact_probability_matches_both_samplers(task, prompt):
@@ -231,7 +242,9 @@ def test_exact_probability_matches_both_samplers(task, prompt):
             n = 30000
             codes = task.sample_codes_of_type(state, etype, n, rng)
             vals, cnt = np.unique(codes, return_counts=True)
-            assert _chi2_pvalue(dict(zip(vals.tolist(), cnt.tolist(), strict=True)), dist, n) > 1e-4, etype
+            assert (
+                _chi2_pvalue(dict(zip(vals.tolist(), cnt.tolist(), strict=True)), dist, n) > 1e-4
+            ), etype
             m = 3000
             one = {}
             for _ in range(m):
