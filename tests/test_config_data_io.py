@@ -87,17 +87,19 @@ def test_atomic_parquet_and_corrupt_file_errors(tmp_path):
         io.read_parquet(str(tmp_path / "missing.parquet"))
 
 
-def test_failed_write_keeps_the_old_file(tmp_path):
+def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     p = str(tmp_path / "t.parquet")
     io.write_parquet(p, pa.table({"a": [1]}))
 
-    class Boom:
-        def __getattr__(self, name):
-            raise RuntimeError("disk died")
+    def die(fd):
+        raise OSError("disk died mid-write")
 
-    with pytest.raises(Exception):
-        io.write_parquet(p, Boom())
+    monkeypatch.setattr(os, "fsync", die)
+    with pytest.raises(OSError, match="disk died"):
+        io.write_parquet(p, pa.table({"a": [2, 3]}))
+    monkeypatch.undo()
     assert io.read_parquet(p)["a"].to_pylist() == [1]
+    assert os.listdir(tmp_path) == ["t.parquet"]
 
 
 def test_data_job_skips_when_done_and_refuses_other_experiment(tmp_path, capsys):
