@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from selfcorrect import io
 
 TASKS = ("multiplication", "sudoku")
+ALL_TYPES = "all"  # error_type of the eval summary's aggregate rows
 MODELS = ("ft", "eift", "hybrid", "insec", "grpo")
 CONDITIONS = ("clean", "synthetic", "ft_errors", "own_errors")
 ERROR_CONDITIONS = ("synthetic", "ft_errors", "own_errors")
@@ -200,10 +201,11 @@ def select(
 ) -> Run:
     """The same run restricted to some tasks / methods (models) / error types.
 
-    ``error_type`` filters every row-level table that has an ``error_type`` column
-    (harvest, coverage, per-item eval); the summary has no error types, so figures
-    built from it (Figure 6, accuracy, temperature) are recomputed from the per-item
-    eval rows when those rows carry the columns needed, and otherwise stay as they are.
+    ``error_type`` filters every row-level table with an ``error_type`` column
+    (harvest, coverage, per-item eval; rows without a type, such as ``clean``
+    generations, stay). The summary is then recomputed from the filtered per-item
+    eval rows with the evaluation's own ``summarize``, so its aggregate rows describe
+    exactly the slice; without per-item rows, the summary's per-type rows are used.
     """
 
     def as_list(x: str | list[str] | None) -> list[str] | None:
@@ -220,12 +222,11 @@ def select(
         if by_model and models is not None and "model" in df:
             m &= df["model"].isin(models)
         if types is not None and "error_type" in df:
-            m &= df["error_type"].isin(types)
+            m &= df["error_type"].isna() | df["error_type"].isin(types)
         return df[m].reset_index(drop=True)
 
     out = replace(
         run,
-        summary=keep(run.summary),
         evals=keep(run.evals),
         # Harvest and coverage are about the FT model's errors: a method filter does not apply.
         harvest=keep(run.harvest, by_model=False),
@@ -233,10 +234,25 @@ def select(
         tune=keep(run.tune, by_model=False),
         notes=list(run.notes),
     )
-    if types is not None and out.evals is not None:
-        recomputed = summary_from_evals(out.evals)
-        if recomputed is not None:
-            out.summary = recomputed
+    s = run.summary
+    if s is not None and tasks is not None:
+        s = s[s["task"].isin(tasks)]
+    if s is not None and models is not None:
+        s = s[s["model"].isin(models)]
+    if types is not None and out.evals is not None and not out.evals.empty:
+        from selfcorrect.evaluate import summarize
+
+        s = summarize(out.evals)
+    elif types is not None and s is not None and "error_type" in s:
+        if len(types) == 1:  # the per-type rows become the slice's aggregate
+            s = s[
+                s["error_type"].isin(types + [ALL_TYPES])
+                & ~((s["error_type"] == ALL_TYPES) & (s["condition"] != "clean"))
+            ].assign(error_type=ALL_TYPES)
+        else:
+            out.notes.append("several error types need per-item eval rows; summary left out")
+            s = None
+    out.summary = None if s is None else s.reset_index(drop=True)
     return out
 
 
@@ -256,40 +272,16 @@ def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-# Per-item eval columns that, when present, let us recompute rates for a slice.
-_ITEM_FLAGS = {
-    "accuracy": "correct",
-    "recognition_rate": "recognized",
-    "correction_rate": "corrected",
-    "parrot_rate": "parroted",
-    "false_alarm_rate": "false_alarm",
-}
-
-
-def summary_from_evals(evals: pd.DataFrame) -> pd.DataFrame | None:
-    """Summary rows (DESIGN 7 columns) from per-item eval rows, or None if they lack the flags.
-
-    Used to re-slice by error type, which the summary cannot do.
-    """
-    need = {"task", "model", "condition", "temperature"}
-    flags = {r: c for r, c in _ITEM_FLAGS.items() if c in evals.columns}
-    if not need <= set(evals.columns) or not flags:
-        return None
-    rows = []
-    for key, g in evals.groupby(sorted(need), dropna=False):
-        row = dict(zip(sorted(need), key, strict=True), n=len(g))
-        for rate in RATES:
-            col = flags.get(rate)
-            vals = g[col].dropna().astype(float) if col else pd.Series(dtype=float)
-            k, n = float(vals.sum()), len(vals)
-            row[rate] = k / n if n else math.nan
-            row[f"{rate}_lo"], row[f"{rate}_hi"] = wilson(k, n)
-        rows.append(row)
-    return pd.DataFrame(rows)
+def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's aggregate rows (``error_type == "all"``), not its per-error-type rows."""
+    if "error_type" not in summary:
+        return summary
+    return summary[summary["error_type"].isna() | (summary["error_type"] == ALL_TYPES)]
 
 
 def greedy(summary: pd.DataFrame) -> pd.DataFrame:
-    """Rows at the lowest temperature of each task x model (0.0 = greedy when evaluated)."""
+    """Aggregate rows at the lowest temperature of each task x model (0.0 = greedy)."""
+    summary = aggregate(summary)
     if "temperature" not in summary:
         return summary
     t0 = summary.groupby(["task", "model"])["temperature"].transform("min")
@@ -601,6 +593,7 @@ def fig_temperature(run: Run) -> Figure | None:
     s = run.summary
     if s is None or s.empty or "temperature" not in s or s["temperature"].nunique() < 2:
         return None
+    s = aggregate(s)
     tasks = _order(s["task"], run.tasks)
     panels = [("clean", "accuracy"), ("own_errors", "recognition_rate")]
     fig, axes = _subplots(2, len(tasks), figsize=(5 * len(tasks), 6))

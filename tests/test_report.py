@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from selfcorrect import io
+from selfcorrect.evaluate import rows_frame, summarize
 from selfcorrect.report import (
     SECTIONS,
     figure6_table,
     load_run,
     select,
-    summary_from_evals,
     wilson,
     write_report,
 )
@@ -123,15 +123,16 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
                                     else None,
                                     "parroted": (bool(rng.random() < 0.2) and rec) if err else None,
                                     "false_alarm": bool(rng.random() < 0.05),
+                                    "trace_id": f"{cond}-{t}-{i}",
+                                    "n_ok_steps": 5,
+                                    "n_false_alarms": int(rng.random() < 0.2),
                                 }
                             )
-                df = pd.DataFrame(rows)
+                df = rows_frame(rows)
                 io.write_parquet(io.join(root, task, "eval", f"{model}.parquet"), df)
                 items.append(df)
     if full or "eval" in stages:
-        io.write_parquet(
-            io.join(root, "eval_summary.parquet"), summary_from_evals(pd.concat(items))
-        )
+        io.write_parquet(io.join(root, "eval_summary.parquet"), summarize(pd.concat(items)))
     return root
 
 
@@ -161,7 +162,7 @@ def test_figure6_table_matches_summary(tmp_path):
     table = figure6_table(run)
     assert list(table["task"].unique()) == ["multiplication", "sudoku"]
     assert len(table) == 2 * len(MODELS)
-    s = run.summary
+    s = run.summary[run.summary.error_type == "all"]
     row = s[
         (s.task == "sudoku")
         & (s.model == "eift")
@@ -188,9 +189,28 @@ def test_select_by_error_type_recomputes_rates(tmp_path):
         & (ev.temperature == 0.0)
         & (ev.error_type == "invalid")
     ]
-    r = sub.summary[(sub.summary.condition == "synthetic") & (sub.summary.temperature == 0.0)]
+    s = sub.summary
+    r = s[(s.condition == "synthetic") & (s.temperature == 0.0) & (s.error_type == "all")]
     assert int(r["n"].iloc[0]) == len(g)
     assert r["recognition_rate"].iloc[0] == pytest.approx(g["recognized"].astype(float).mean())
+
+
+def test_select_without_item_rows_uses_per_type_summary_rows(tmp_path):
+    run = load_run(make_synthetic_run(str(tmp_path / "run")))
+    run.evals = None
+    s = run.summary
+    want = s[
+        (s.task == "multiplication")
+        & (s.model == "ft")
+        & (s.condition == "ft_errors")
+        & (s.temperature == 0.0)
+        & (s.error_type == "carry")
+    ]
+    sub = select(run, task="multiplication", method="ft", error_type="carry")
+    table = figure6_table(sub)
+    assert len(table) == 1
+    assert table["recog FT errors"].iloc[0].startswith(f"{want.recognition_rate.iloc[0]:.2f} [")
+    assert "clean" in set(sub.summary.condition)  # accuracy does not depend on error type
 
 
 def test_write_report_all_sections(tmp_path):
