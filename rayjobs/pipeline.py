@@ -1,0 +1,168 @@
+"""The whole experiment, one command: every stage for every task, then report.md.
+
+python -m rayjobs.pipeline --config configs/tiny.yaml --output-dir runs/tiny
+ray job submit --working-dir . -- python -m rayjobs.pipeline --config configs/tiny.yaml
+
+Order: data -> ft -> harvest (FT model on train and test) -> coverage ->
+eift, hybrid, insec (hybrid uses the harvested train errors) -> grpo (from FT) ->
+eval (every model) -> tune -> report. Each stage records itself in manifest.json
+(status, config hash, artifacts, seconds): a rerun skips stages that are done with
+the same config, redoes those whose config changed, and resumes an interrupted run.
+
+Extra flags: --stages a,b (run only these pipeline steps) and --skip a,b; steps are
+data, ft, harvest, coverage, methods, grpo, eval, tune, report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rayjobs.common import (
+    JobContext,
+    init_ray,
+    parse_args,
+    read_manifest,
+    save_resolved_config,
+    write_manifest,
+)
+from selfcorrect import io
+from selfcorrect.config import Config
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: a stage module's ``run(ctx)`` on a (possibly narrowed) config."""
+
+    name: str
+    module: str  # rayjobs.<module>
+    narrow: Callable[[Config], Config | None]  # None = nothing to do for this config
+    needs_ray: bool = True
+
+
+def _with(cfg: Config, section: str, **changes: object) -> Config:
+    return dataclasses.replace(
+        cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)}
+    )
+
+
+def _ft(cfg: Config) -> Config:
+    # FT is trained first and always: harvest, hybrid, GRPO and the ft_errors condition build on it.
+    return _with(cfg, "train", methods=["ft"])
+
+
+def _methods(cfg: Config) -> Config | None:
+    rest = [m for m in cfg.train.methods if m != "ft"]
+    return _with(cfg, "train", methods=rest) if rest else None
+
+
+def produced_models(cfg: Config) -> list[str]:
+    """Models this config's pipeline trains, in DESIGN order."""
+    out = ["ft"] + [m for m in cfg.train.methods if m != "ft"]
+    return out + (["grpo"] if cfg.grpo.enabled else [])
+
+
+def _eval(cfg: Config) -> Config | None:
+    models = [m for m in cfg.eval.models if m in produced_models(cfg)]
+    return _with(cfg, "eval", models=models) if models else None
+
+
+STEPS = (
+    Step("data", "data", lambda c: c, needs_ray=False),
+    Step("ft", "train", _ft),
+    Step("harvest", "harvest", lambda c: c),
+    Step("coverage", "coverage", lambda c: c),
+    Step("methods", "train", _methods),
+    Step("grpo", "grpo", lambda c: c if c.grpo.enabled else None),
+    Step("eval", "evaluate", _eval),
+    Step("tune", "tune", lambda c: c if c.tune.enabled else None),
+    Step("report", "report", lambda c: c, needs_ray=False),
+)
+STEP_NAMES = [s.name for s in STEPS]
+
+
+def _names(arg: str | None, flag: str) -> list[str] | None:
+    if arg is None:
+        return None
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    bad = [n for n in names if n not in STEP_NAMES]
+    if bad:
+        raise SystemExit(f"{flag}: unknown step(s) {bad}; choose from {', '.join(STEP_NAMES)}")
+    return names
+
+
+def parse(argv: list[str] | None = None) -> tuple[JobContext, list[Step]]:
+    """The common job flags plus --stages / --skip, which choose the steps to run."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stages", default=None)
+    pre.add_argument("--skip", default=None)
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    only, skip = _names(known.stages, "--stages"), _names(known.skip, "--skip") or []
+    ctx = parse_args(__doc__, rest)
+    steps = [s for s in STEPS if (only is None or s.name in only) and s.name not in skip]
+    return ctx, steps
+
+
+def load_stage(step: Step) -> object:
+    """The stage module; a missing one is a clear error naming the way around it."""
+    try:
+        return importlib.import_module(f"rayjobs.{step.module}")
+    except ModuleNotFoundError as e:
+        if e.name != f"rayjobs.{step.module}":
+            raise
+        raise SystemExit(
+            f"pipeline step '{step.name}' needs rayjobs.{step.module}, which this checkout does "
+            f"not have; update the checkout or leave the step out with --skip {step.name}"
+        ) from e
+
+
+def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
+    """Run the steps in order; returns step -> wall seconds (0 for steps with nothing to do)."""
+    steps = list(STEPS if steps is None else steps)
+    modules = {s.name: load_stage(s) for s in steps}  # fail before any work on a missing module
+    save_resolved_config(ctx)
+    if any(s.needs_ray and s.narrow(ctx.cfg) is not None for s in steps):
+        init_ray(ctx.cfg)
+    timings: dict[str, float] = {}
+    t_start = time.time()
+    for i, step in enumerate(steps, 1):
+        cfg = step.narrow(ctx.cfg)
+        head = f"[pipeline {i}/{len(steps)}] {step.name}"
+        if cfg is None:
+            print(f"{head}: nothing to do for this config", flush=True)
+            timings[step.name] = 0.0
+            continue
+        print(f"{head}: start ({time.time() - t_start:.0f}s elapsed)", flush=True)
+        t0 = time.time()
+        modules[step.name].run(JobContext(cfg, ctx.output_dir, ctx.overwrite))
+        timings[step.name] = round(time.time() - t0, 2)
+        print(f"{head}: done in {timings[step.name]:.1f}s", flush=True)
+    total = round(time.time() - t_start, 2)
+    manifest = read_manifest(ctx)
+    manifest["pipeline"] = {"steps": timings, "total_seconds": total, "finished": time.time()}
+    write_manifest(ctx, manifest)
+    return timings
+
+
+def summary(ctx: JobContext, timings: dict[str, float]) -> str:
+    """The closing lines: wall time per step and where the report is."""
+    total = read_manifest(ctx).get("pipeline", {}).get("total_seconds", sum(timings.values()))
+    parts = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    report = io.join(ctx.output_dir, "report.md")
+    where = report if io.exists(report) else f"{ctx.output_dir} (no report.md: report step skipped)"
+    return f"pipeline finished in {total:.0f}s ({parts})\nreport: {where}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ctx, steps = parse(argv)
+    timings = run(ctx, steps)
+    print(summary(ctx, timings), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Pipeline: step selection, config narrowing, skip / redo / resume through manifest.json.
+
+Fast tier: the steps that need no Ray (data, report). The whole smoke pipeline end to
+end is in tests/test_pipeline_smoke.py (integration).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rayjobs import pipeline
+from rayjobs.common import JobContext
+from selfcorrect.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
+
+
+def _steps(*names: str) -> list[pipeline.Step]:
+    return [s for s in pipeline.STEPS if s.name in names]
+
+
+def test_steps_follow_the_design_order():
+    assert pipeline.STEP_NAMES == [
+        "data",
+        "ft",
+        "harvest",
+        "coverage",
+        "methods",
+        "grpo",
+        "eval",
+        "tune",
+        "report",
+    ]
+
+
+def test_ft_first_then_the_other_methods():
+    cfg = load_config(SMOKE, ["train.methods=[eift,ft,hybrid]"])
+    assert pipeline._ft(cfg).train.methods == ["ft"]
+    assert pipeline._methods(cfg).train.methods == ["eift", "hybrid"]
+    assert pipeline._methods(load_config(SMOKE, ["train.methods=[ft]"])) is None
+    # the original config is untouched (dataclasses.replace makes copies)
+    assert cfg.train.methods == ["eift", "ft", "hybrid"]
+    # every other section is shared unchanged, so their config hashes do not move
+    assert pipeline._ft(cfg).section_hash("data", "harvest", "eval") == cfg.section_hash(
+        "data", "harvest", "eval"
+    )
+
+
+def test_eval_only_models_the_pipeline_trains():
+    cfg = load_config(SMOKE, ["train.methods=[ft,insec]", "grpo.enabled=false"])
+    assert pipeline.produced_models(cfg) == ["ft", "insec"]
+    assert pipeline._eval(cfg).eval.models == ["ft", "insec"]
+    assert pipeline.produced_models(load_config(SMOKE))[-1] == "grpo"
+
+
+def test_switched_off_stages_have_nothing_to_do():
+    cfg = load_config(SMOKE, ["tune.enabled=false", "grpo.enabled=false"])
+    by_name = {s.name: s for s in pipeline.STEPS}
+    assert by_name["tune"].narrow(cfg) is None
+    assert by_name["grpo"].narrow(cfg) is None
+    assert by_name["data"].narrow(cfg) is cfg
+
+
+def test_stages_and_skip_flags(tmp_path):
+    ctx, steps = pipeline.parse(
+        ["--config", SMOKE, "--output-dir", str(tmp_path), "--stages", "data,eval,report"]
+    )
+    assert [s.name for s in steps] == ["data", "eval", "report"]
+    assert ctx.output_dir == str(tmp_path) and ctx.cfg.name == "smoke"
+    _, steps = pipeline.parse(["--config", SMOKE, "--skip", "tune,grpo", "seed=3"])
+    assert "tune" not in [s.name for s in steps] and len(steps) == len(pipeline.STEPS) - 2
+    with pytest.raises(SystemExit, match="unknown step.*choose from data"):
+        pipeline.parse(["--config", SMOKE, "--stages", "data,trian"])
+
+
+def test_missing_stage_module_is_a_clear_error():
+    step = pipeline.Step("ghost", "no_such_stage", lambda c: c)
+    with pytest.raises(SystemExit, match="needs rayjobs.no_such_stage.*--skip ghost"):
+        pipeline.load_stage(step)
+
+
+def test_skip_redo_and_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    cfg = load_config(SMOKE, ["data.n_train=30", "data.n_test=10"])
+    steps = _steps("data", "report")
+    timings = pipeline.run(JobContext(cfg, out), steps)
+    assert set(timings) == {"data", "report"}
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    for key in ("multiplication/data", "sudoku/data", "report"):
+        assert manifest["stages"][key]["status"] == "done"
+    assert manifest["pipeline"]["steps"].keys() == {"data", "report"}
+    report = open(os.path.join(out, "report.md")).read()
+    assert "_Skipped: no eval_summary.parquet" in report and "sudoku/data" in report
+    assert "report: " + os.path.join(out, "report.md") in pipeline.summary(
+        JobContext(cfg, out), timings
+    )
+
+    # Same config: every stage is skipped, files untouched.
+    train_file = os.path.join(out, "sudoku", "data", "train.parquet")
+    mtime = os.stat(train_file).st_mtime_ns
+    capsys.readouterr()
+    pipeline.run(JobContext(cfg, out), steps)
+    printed = capsys.readouterr().out
+    assert "[skip] sudoku/data" in printed and "[skip] report" in printed
+    assert os.stat(train_file).st_mtime_ns == mtime
+
+    # An interrupted stage (status 'running') is redone on the next run.
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    manifest["stages"]["sudoku/data"]["status"] = "running"
+    open(os.path.join(out, "manifest.json"), "w").write(json.dumps(manifest))
+    capsys.readouterr()
+    pipeline.run(JobContext(cfg, out), steps)
+    printed = capsys.readouterr().out
+    assert "[skip] multiplication/data" in printed and "[skip] sudoku/data" not in printed
+    assert "[skip] report" not in printed  # an upstream stage finished again
+
+    # A changed sudoku section redoes sudoku's data, not multiplication's.
+    cfg2 = load_config(SMOKE, ["data.n_train=30", "data.n_test=10", "sudoku.max_empty=5"])
+    capsys.readouterr()
+    pipeline.run(JobContext(cfg2, out, overwrite=True), steps)
+    printed = capsys.readouterr().out
+    assert "[skip] multiplication/data" in printed and "[skip] sudoku/data" not in printed
+
+
+def test_changed_experiment_needs_overwrite(tmp_path):
+    out = str(tmp_path / "run")
+    steps = _steps("data")
+    pipeline.run(JobContext(load_config(SMOKE, ["data.n_train=20", "data.n_test=5"]), out), steps)
+    from selfcorrect.config import ConfigError
+
+    with pytest.raises(ConfigError, match="different experiment"):
+        pipeline.run(
+            JobContext(load_config(SMOKE, ["data.n_train=20", "data.n_test=5", "seed=1"]), out),
+            steps,
+        )
