@@ -265,15 +265,38 @@ class TuneConfig:
     injection_rates: list[float] = _f([0.05, 0.1, 0.2, 0.35, 0.5], "grid over injection rate")
     max_errors: list[int] = _f([], "optional grid over max errors per trace")
     w_recognition: list[float] = _f([], "optional grid over recognition loss weight")
+    w_correction: list[float] = _f([], "optional grid over correction loss weight")
     search: str = _f("grid", "grid | random")
     num_samples: int = _f(1, "samples per grid point (random: total trials)")
     asha: bool = _f(False, "ASHA early stopping on validation loss")
+    asha_grace_period: int = _f(1, "ASHA: metric reports before a trial may be stopped")
+    asha_reduction_factor: int = _f(2, "ASHA: keep 1/reduction_factor of trials per rung")
     max_steps: int = _f(300, "training steps per trial")
     max_concurrent: int = _f(0, "concurrent trials (0 = as resources allow)")
+    init: str = _f("scratch", "trial start point: scratch (random init) | ft (the FT model)")
+    eval_problems: int = _f(
+        0, "test problems per condition in a trial's eval (0 = eval.max_problems)"
+    )
+    val_examples: int = _f(64, "held-out test traces for a trial's validation loss")
 
     def validate(self) -> None:
+        _check(len(self.injection_rates) > 0, "tune.injection_rates", "name at least one rate")
         _check(all(0 <= r <= 1 for r in self.injection_rates), "tune.injection_rates", "in [0, 1]")
+        _check(all(m >= 1 for m in self.max_errors), "tune.max_errors", "each must be >= 1")
+        _check(
+            all(w >= 0 for w in self.w_recognition + self.w_correction),
+            "tune.w_recognition/w_correction",
+            "loss weights must be >= 0",
+        )
         _check(self.search in ("grid", "random"), "tune.search", "choose grid or random")
+        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        _check(self.asha_grace_period >= 1, "tune.asha_grace_period", "must be >= 1")
+        _check(self.asha_reduction_factor >= 2, "tune.asha_reduction_factor", "must be >= 2")
+        _check(self.max_steps >= 1, "tune.max_steps", "must be >= 1")
+        _check(self.max_concurrent >= 0, "tune.max_concurrent", "must be >= 0 (0 = automatic)")
+        _check(self.init in ("scratch", "ft"), "tune.init", "choose scratch or ft")
+        _check(self.eval_problems >= 0, "tune.eval_problems", "must be >= 0")
+        _check(self.val_examples >= 1, "tune.val_examples", "must be >= 1")
 
 
 @dataclass
