@@ -1,0 +1,301 @@
+"""Stage `eval`: every trained model -> <task>/eval/<model>.parquet and eval_summary.parquet.
+
+python -m rayjobs.evaluate --config configs/tiny.yaml --output-dir runs/tiny
+
+Conditions (DESIGN 7): clean, synthetic, ft_errors, own_errors, at every
+temperature of ``eval.temperatures``, on the same items for every model. The
+continuations come from the one generation engine (``selfcorrect.generation``),
+fanned out over a Ray Data actor pool; scoring is the pure code in
+``selfcorrect.evaluate``. Same seed -> same items, same sampling seeds, same
+numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from selfcorrect import io
+from selfcorrect.config import Config
+from selfcorrect.data import DATA_COLUMNS
+from selfcorrect.evaluate import (
+    CONDITIONS,
+    clean_items,
+    ft_error_items,
+    generation_seed,
+    rows_frame,
+    score_items,
+    sort_rows,
+    summarize,
+    synthetic_items,
+)
+from selfcorrect.tasks import get_task
+
+HARVEST_COLUMNS = ["error_id", "problem_id", "prompt", "wrong_step", "error_type"]
+FT_ERRORS_FILE = "ft-test.parquet"
+
+
+def eval_path(output_dir: str, task: str, model: str) -> str:
+    return io.join(output_dir, task, "eval", f"{model}.parquet")
+
+
+def ft_errors_path(output_dir: str, task: str) -> str:
+    return io.join(output_dir, task, "harvest", FT_ERRORS_FILE)
+
+
+# ---------------------------------------------------------------------------
+# Items
+# ---------------------------------------------------------------------------
+
+
+def build_items(
+    cfg: Config, task_name: str, output_dir: str, conditions: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Every item to continue, for the requested conditions (before the temperature sweep).
+
+    ``own_errors`` is read off the free generations of ``clean``, so either one
+    brings in the clean items.
+    """
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad:
+        raise ValueError(f"unknown eval conditions {bad}; choose from {list(CONDITIONS)}")
+    task = get_task(task_name, **cfg.task_options(task_name))
+    test = io.read_parquet(
+        io.join(output_dir, task_name, "data", "test.parquet"), required=DATA_COLUMNS
+    ).to_pylist()
+    items: list[dict[str, Any]] = []
+    if "clean" in conditions or "own_errors" in conditions:
+        items += clean_items(test, cfg.eval.max_problems)
+    if "synthetic" in conditions:
+        items += synthetic_items(
+            task, test, cfg.seed, cfg.eval.max_problems, cfg.error_weights(task_name)
+        )
+    if "ft_errors" in conditions:
+        path = ft_errors_path(output_dir, task_name)
+        if not io.exists(path):
+            raise FileNotFoundError(
+                f"condition ft_errors needs {path} (errors the FT model made on the test split); "
+                "run the harvest stage first (python -m rayjobs.harvest), or drop ft_errors "
+                "from eval.conditions"
+            )
+        table = io.read_parquet(path, required=HARVEST_COLUMNS)
+        if "prefix_steps" not in table.column_names and "prefix" not in table.column_names:
+            raise io.CorruptFileError(
+                f"{path} has neither 'prefix_steps' nor 'prefix'; rerun the harvest stage"
+            )
+        items += ft_error_items(task, table.to_pylist(), cfg.seed, cfg.eval.max_errors)
+    return items
+
+
+def expand_temperatures(
+    items: list[dict[str, Any]], task: str, model: str, temperatures: Sequence[float], seed: int
+) -> list[dict[str, Any]]:
+    """Items x temperatures, each with its own sampling seed (the same for every model)."""
+    out = []
+    for t in temperatures:
+        for it in items:
+            out.append(
+                {
+                    **it,
+                    "task": task,
+                    "model": model,
+                    "temperature": float(t),
+                    "seed": generation_seed(seed, task, it["item_id"], t),
+                }
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Generation over Ray Data (the shared engine)
+# ---------------------------------------------------------------------------
+
+
+def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Continue every row's ``prefix`` with its ``seed`` and ``temperature``, in input order.
+
+    One model copy per actor (``GenerationActor``); rows are matched back by key,
+    so the order Ray Data returns them in does not matter.
+    """
+    import ray
+
+    from selfcorrect.generation import GenerationActor, generation_ray_args
+
+    if not rows:
+        return []
+    ev = cfg.eval
+    feed = [
+        {"key": i, "prefix": r["prefix"], "seed": int(r["seed"]), "temperature": r["temperature"]}
+        for i, r in enumerate(rows)
+    ]
+    n_blocks = max(1, min(len(feed) // max(1, ev.batch_size), 4 * ev.num_actors)) or 1
+    ds = ray.data.from_items(feed, override_num_blocks=n_blocks).map_batches(
+        GenerationActor,
+        fn_constructor_kwargs={
+            "model_path": os.path.abspath(model_path) if not io.is_uri(model_path) else model_path,
+            "max_new_tokens": ev.max_new_tokens,
+            "batch_size": ev.batch_size,
+            "use_gpu": ev.use_gpu,
+            "torch_threads": None if ev.use_gpu else ev.cpus_per_actor,
+        },
+        batch_size=ev.batch_size,
+        concurrency=ev.num_actors,
+        **generation_ray_args(ev.use_gpu, ev.cpus_per_actor),
+    )
+    out: list[str | None] = [None] * len(rows)
+    for rec in ds.select_columns(["key", "completion"]).iter_rows():
+        out[int(rec["key"])] = str(rec["completion"])
+    missing = [i for i, c in enumerate(out) if c is None]
+    if missing:
+        raise RuntimeError(f"generation returned no completion for {len(missing)} rows")
+    return [c for c in out if c is not None]
+
+
+# ---------------------------------------------------------------------------
+# One model
+# ---------------------------------------------------------------------------
+
+
+def evaluate_model(
+    cfg: Config,
+    task_name: str,
+    model_path: str,
+    model_name: str,
+    output_dir: str,
+    conditions: Sequence[str] | None = None,
+    temperatures: Sequence[float] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate one saved model on one task; writes ``<output_dir>/<task>/eval/<model_name>.parquet``.
+
+    Reads ``<output_dir>/<task>/data/test.parquet`` (and ``harvest/ft-test.parquet``
+    for ft_errors). Returns the summary rows (DESIGN 7 columns, aggregate rows with
+    ``error_type == "all"`` plus one row per error type). Ray must be initialised.
+    """
+    conditions = list(conditions if conditions is not None else cfg.eval.conditions)
+    temperatures = [float(t) for t in (temperatures or cfg.eval.temperatures)]
+    if not io.exists(io.join(model_path, "config.json")):
+        raise FileNotFoundError(
+            f"no saved model at {model_path} (config.json missing); train it first "
+            "(python -m rayjobs.train) or remove it from eval.models"
+        )
+    t0 = time.time()
+    task = get_task(task_name, **cfg.task_options(task_name))
+    items = build_items(cfg, task_name, output_dir, conditions)
+    rows = expand_temperatures(items, task_name, model_name, temperatures, cfg.seed)
+    print(
+        f"[eval] {task_name}/{model_name}: {len(items)} items x {len(temperatures)} "
+        f"temperatures = {len(rows)} generations"
+    )
+    completions = generate_completions(cfg, model_path, rows)
+    keep = set(conditions) | ({"clean"} if "own_errors" in conditions else set())
+    scored = [r for r in score_items(task, rows, completions) if r["condition"] in keep]
+    df = sort_rows(rows_frame(scored))
+    out = eval_path(output_dir, task_name, model_name)
+    io.write_parquet(out, df)
+    summary = summarize(df)
+    summary = summary[summary["condition"].isin(conditions)]
+    print(f"[eval] {task_name}/{model_name}: {len(df)} rows -> {out} ({time.time() - t0:.1f}s)")
+    return summary.to_dict("records")
+
+
+# ---------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------
+
+
+def _fingerprint(path: str) -> list[Any]:
+    """Names, sizes and mtimes under ``path``: a changed model or harvest reruns eval."""
+    if not io.exists(path):
+        return []
+    fs, p = (
+        pafs.FileSystem.from_uri(path)
+        if io.is_uri(path)
+        else (pafs.LocalFileSystem(), os.path.abspath(path))
+    )
+    info = fs.get_file_info(p)
+    infos = (
+        fs.get_file_info(pafs.FileSelector(p, recursive=True))
+        if info.type == pafs.FileType.Directory
+        else [info]
+    )
+    return sorted(
+        (i.path[len(p) :], i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File
+    )
+
+
+def eval_hash(ctx: JobContext, task: str, model: str) -> str:
+    """What decides an eval result: seed, task, data, eval settings, the model and FT harvest."""
+    cfg = ctx.cfg
+    ev = {
+        k: v
+        for k, v in cfg.to_dict()["eval"].items()
+        if k not in ("models", "num_actors", "batch_size", "use_gpu", "cpus_per_actor")
+    }
+    blob = {
+        "sections": cfg.section_hash("seed", task, "data"),
+        "eval": ev,
+        "model": _fingerprint(ctx.path(task, "models", model)),
+        "harvest": _fingerprint(ft_errors_path(ctx.output_dir, task))
+        if "ft_errors" in cfg.eval.conditions
+        else None,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(ctx: JobContext) -> list[str]:
+    """Evaluate every model of eval.models that exists; returns the summary paths written."""
+    cfg = ctx.cfg
+    init_ray(cfg)
+    summaries: list[pd.DataFrame] = []
+    written = []
+    for task in cfg.tasks:
+        task_summary = []
+        for model in cfg.eval.models:
+            model_dir = ctx.path(task, "models", model)
+            if not io.exists(io.join(model_dir, "config.json")):
+                print(f"[eval] {task}/{model}: no model at {model_dir}, skipped")
+                continue
+
+            def do(rec: dict, task: str = task, model: str = model, d: str = model_dir) -> None:
+                evaluate_model(cfg, task, d, model, ctx.output_dir)
+                rec["artifacts"].append(f"{task}/eval/{model}.parquet")
+
+            run_stage(ctx, f"{task}/eval/{model}", eval_hash(ctx, task, model), do)
+            # The summary is a pure function of the item rows: rebuilt even for skipped stages.
+            df = io.read_parquet(eval_path(ctx.output_dir, task, model)).to_pandas()
+            s = summarize(df)
+            task_summary.append(s[s["condition"].isin(cfg.eval.conditions)])
+        if task_summary:
+            s = pd.concat(task_summary, ignore_index=True)
+            path = ctx.path(task, "eval", "summary.parquet")
+            io.write_parquet(path, s)
+            written.append(path)
+            summaries.append(s)
+    if not summaries:
+        raise FileNotFoundError(
+            f"no model of eval.models={cfg.eval.models} found under "
+            f"{ctx.output_dir}/<task>/models/; run training first (python -m rayjobs.train)"
+        )
+    path = ctx.path("eval_summary.parquet")
+    io.write_parquet(path, pd.concat(summaries, ignore_index=True))
+    written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    ctx = parse_args(__doc__, argv)
+    save_resolved_config(ctx)
+    paths = run(ctx)
+    print(f"eval written: {', '.join(paths)} and <task>/eval/<model>.parquet")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The eval job on the smoke preset, on real Ray Data, with an FT and an EIFT model per task.
+
+The models are nano Qwen2 models trained in-process for a few dozen steps with the
+project's own trace builders and loss (FT: clean traces only; EIFT: every trace
+injected), then saved with ``save_pretrained``. They are far from competent, but
+the EIFT model has seen the recognition line and the FT model never has, which is
+exactly what the recognition metric must tell apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rayjobs import data as data_job
+from rayjobs import evaluate as eval_job
+from rayjobs.common import JobContext, read_manifest
+from selfcorrect import io
+from selfcorrect.data import load_problems
+from selfcorrect.evaluate import ALL_TYPES, CONDITIONS, ITEM_COLUMNS, RATES, own_errors
+from selfcorrect.generation import generate
+from selfcorrect.loss import LossWeights, collate, encode_example, weighted_lm_loss
+from selfcorrect.models import build_model, save_model
+from selfcorrect.tasks import get_task, split_lines
+from selfcorrect.traces import build_example
+
+pytestmark = pytest.mark.integration
+
+TRAIN_STEPS = 80
+MAX_LEN = 256
+
+DESIGN_SUMMARY_COLUMNS = [
+    "task",
+    "model",
+    "condition",
+    "temperature",
+    "n",
+    "accuracy",
+    "recognition_rate",
+    "correction_rate",
+    "parrot_rate",
+    "false_alarm_rate",
+] + [f"{r}_{b}" for r in RATES[:5] for b in ("lo", "hi")]
+
+
+def train_quick(method: str, task, problems, seed: int = 0):
+    """A few dozen AdamW steps on ``method`` traces (EIFT: every trace has injected errors)."""
+    torch.manual_seed(seed)
+    model, tok = build_model("nano", MAX_LEN, seed=seed)
+    rng = np.random.default_rng(seed)
+    pool = [
+        encode_example(
+            tok,
+            build_example(method, task, problems[i % len(problems)], rng, injection_rate=1.0),
+            LossWeights(),
+            MAX_LEN,
+        )
+        for i in range(200)
+    ]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(TRAIN_STEPS):
+        batch = collate([pool[i] for i in rng.integers(len(pool), size=16)], tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        norm = batch["loss_weight"][:, 1:].sum().clamp_min(1e-8)
+        loss, _ = weighted_lm_loss(logits, batch, norm)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), tok
+
+
+def write_ft_harvest(out: str, task, model, tok) -> int:
+    """harvest/ft-test.parquet from the FT model's own first error on each test problem."""
+    test = io.read_parquet(io.join(out, task.name, "data", "test.parquet")).to_pylist()
+    texts = generate(model, tok, [r["prompt"] + "\n" for r in test], max_new_tokens=64)
+    rows = []
+    for r, text in zip(test, texts, strict=True):
+        errs = own_errors(task, task.parse_prompt(r["prompt"]), text)
+        if errs:
+            e = errs[0]
+            rows.append(
+                {
+                    "error_id": f"{r['problem_id']}-e0",
+                    "problem_id": r["problem_id"],
+                    "task": task.name,
+                    "model": "ft",
+                    "temperature": 0.0,
+                    "step_index": e["step_index"],
+                    "prompt": r["prompt"],
+                    "prefix": e["prefix"],
+                    "prefix_steps": split_lines(e["prefix"])[1:],
+                    "wrong_step": e["wrong_step"],
+                    "gold_step": e["gold_step"],
+                    "error_type": e["error_type"],
+                }
+            )
+    io.write_parquet(io.join(out, task.name, "harvest", "ft-test.parquet"), rows)
+    return len(rows)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, smoke_cfg):
+    """Smoke data for both tasks, FT and EIFT nano models, and an FT harvest, on disk."""
+    torch.set_num_threads(1)
+    out = str(tmp_path_factory.mktemp("eval-run"))
+    cfg = dataclasses.replace(
+        smoke_cfg, eval=dataclasses.replace(smoke_cfg.eval, models=["ft", "eift", "grpo"])
+    )
+    ctx = JobContext(cfg, out)
+    data_job.run(ctx)
+    n_harvest = {}
+    for name in cfg.tasks:
+        task = get_task(name, **cfg.task_options(name))
+        train = load_problems(task, io.read_parquet(ctx.path(name, "data", "train.parquet")))
+        for method in ("ft", "eift"):
+            model, tok = train_quick(method, task, train)
+            save_model(model, tok, ctx.path(name, "models", method))
+            if method == "ft":
+                n_harvest[name] = write_ft_harvest(out, task, model, tok)
+    return ctx, n_harvest
+
+
+def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, trained_run):
+    ctx, n_harvest = trained_run
+    cfg = ctx.cfg
+    eval_job.run(ctx)
+
+    summary = io.read_parquet(ctx.path("eval_summary.parquet")).to_pandas()
+    assert set(DESIGN_SUMMARY_COLUMNS + ["error_type"]) <= set(summary.columns)
+    temps = sorted(cfg.eval.temperatures)
+    agg = summary[summary["error_type"] == ALL_TYPES]
+    for task in cfg.tasks:
+        for model in ("ft", "eift"):
+            rows = io.read_parquet(ctx.path(task, "eval", f"{model}.parquet")).to_pandas()
+            assert list(rows.columns) == ITEM_COLUMNS
+            assert set(rows["condition"]) == set(CONDITIONS)
+            per = rows.groupby(["condition", "temperature"]).size()
+            for t in temps:
+                assert per[("clean", t)] == cfg.eval.max_problems
+                assert per[("synthetic", t)] == cfg.eval.max_problems
+                assert per[("ft_errors", t)] == min(cfg.eval.max_errors, n_harvest[task])
+            # The same items at every temperature, and for every model.
+            syn = rows[rows["condition"] == "synthetic"]
+            by_t = [
+                set(zip(g["item_id"], g["wrong_step"], strict=True))
+                for _, g in syn.groupby("temperature")
+            ]
+            assert all(s == by_t[0] for s in by_t)
+            m = agg[(agg["task"] == task) & (agg["model"] == model)]
+            assert set(zip(m["condition"], m["temperature"], strict=True)) == {
+                (c, t) for c in CONDITIONS for t in temps
+            }
+        ft_rows = io.read_parquet(ctx.path(task, "eval", "ft.parquet")).to_pandas()
+        eift_rows = io.read_parquet(ctx.path(task, "eval", "eift.parquet")).to_pandas()
+        for cond in ("synthetic", "ft_errors"):
+            a = ft_rows[ft_rows["condition"] == cond][["temperature", "item_id", "prefix"]]
+            b = eift_rows[eift_rows["condition"] == cond][["temperature", "item_id", "prefix"]]
+            pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+        # Per error type rows exist for the error conditions, with the aggregate's n split up.
+        syn_types = summary[
+            (summary["task"] == task)
+            & (summary["condition"] == "synthetic")
+            & (summary["error_type"] != ALL_TYPES)
+        ]
+        assert set(syn_types["error_type"]) <= set(get_task(task).error_types)
+        assert (
+            syn_types.groupby(["model", "temperature"])["n"].sum().eq(cfg.eval.max_problems).all()
+        )
+
+    # Every rate sits inside its Wilson interval.
+    for r in RATES:
+        ok = summary[r].notna()
+        assert (summary.loc[ok, f"{r}_lo"] <= summary.loc[ok, r] + 1e-12).all()
+        assert (summary.loc[ok, r] <= summary.loc[ok, f"{r}_hi"] + 1e-12).all()
+    assert "grpo" not in set(summary["model"])  # listed in eval.models but never trained
+
+    # A model never shown errors (FT) recognizes almost nothing: measured, every task and temp.
+    def rate(task, model, cond, t):
+        row = agg[
+            (agg["task"] == task)
+            & (agg["model"] == model)
+            & (agg["condition"] == cond)
+            & (agg["temperature"] == t)
+        ]
+        assert len(row) == 1
+        return row.iloc[0]
+
+    for task in cfg.tasks:
+        for t in temps:
+            for cond in ("synthetic", "ft_errors", "own_errors", "clean"):
+                ft = rate(task, "ft", cond, t)
+                assert ft["n"] > 0
+                assert ft["recognition_rate"] <= 0.05, (task, cond, t, ft["recognition_rate"])
+        # The EIFT model, trained on recognition lines, emits them after injected errors.
+        eift = rate(task, "eift", "synthetic", 0.0)
+        ft = rate(task, "ft", "synthetic", 0.0)
+        assert eift["recognition_rate"] >= ft["recognition_rate"] + 0.3, (task, eift, ft)
+        assert eift["recognition_rate_lo"] > ft["recognition_rate_hi"]
+
+    # A second run finds every stage done and rebuilds the same summary.
+    before = read_manifest(ctx)["stages"]
+    eval_job.run(ctx)
+    after = read_manifest(ctx)["stages"]
+    for task in cfg.tasks:
+        for model in ("ft", "eift"):
+            key = f"{task}/eval/{model}"
+            assert after[key]["finished"] == before[key]["finished"]
+    again = io.read_parquet(ctx.path("eval_summary.parquet")).to_pandas()
+    pd.testing.assert_frame_equal(summary, again)
+
+
+def test_same_seed_same_numbers(ray_session, trained_run):
+    ctx, _ = trained_run
+    cfg = ctx.cfg
+    task = "sudoku"
+    model_dir = ctx.path(task, "models", "eift")
+    kw = dict(conditions=["clean", "synthetic", "own_errors"], temperatures=[0.0, 1.0])
+    a = eval_job.evaluate_model(cfg, task, model_dir, "rerun-a", ctx.output_dir, **kw)
+    b = eval_job.evaluate_model(cfg, task, model_dir, "rerun-b", ctx.output_dir, **kw)
+    ra = io.read_parquet(eval_job.eval_path(ctx.output_dir, task, "rerun-a")).to_pandas()
+    rb = io.read_parquet(eval_job.eval_path(ctx.output_dir, task, "rerun-b")).to_pandas()
+    pd.testing.assert_frame_equal(ra.drop(columns="model"), rb.drop(columns="model"))
+    sa, sb = pd.DataFrame(a).drop(columns="model"), pd.DataFrame(b).drop(columns="model")
+    pd.testing.assert_frame_equal(sa, sb)
+    assert set(sa["condition"]) == {"clean", "synthetic", "own_errors"}
+    # Sampling really happened at T=1 (else "identical" would be trivial): it differs from greedy.
+    syn = ra[ra["condition"] == "synthetic"]
+    greedy = syn[syn["temperature"] == 0.0]["completion"].tolist()
+    sampled = syn[syn["temperature"] == 1.0]["completion"].tolist()
+    assert greedy != sampled
+    # Another seed draws other synthetic errors.
+    other = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    c = eval_job.evaluate_model(other, task, model_dir, "rerun-c", ctx.output_dir, **kw)
+    rc = io.read_parquet(eval_job.eval_path(ctx.output_dir, task, "rerun-c")).to_pandas()
+    assert c
+    wrong = ["wrong_step", "step_index"]
+    assert not ra[ra["condition"] == "synthetic"][wrong].equals(
+        rc[rc["condition"] == "synthetic"][wrong]
+    )
