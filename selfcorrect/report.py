@@ -51,17 +51,6 @@ CONDITION_COLOR = {
     "ft_errors": "#dd8452",
     "own_errors": "#55a868",
 }
-# Tune: hyperparameters we know how to put on an x axis, metrics on a y axis (first found wins).
-TUNE_PARAMS = ("injection_rate", "max_errors", "w_recognition")
-TUNE_METRICS = (
-    "accuracy",
-    "recognition_rate",
-    "correction_rate",
-    "own_recognition_rate",
-    "own_correction_rate",
-    "val_loss",
-    "loss",
-)
 
 
 @dataclass
@@ -554,36 +543,47 @@ def fig_error_types(run: Run) -> Figure | None:
     return fig
 
 
-def tune_columns(tune: pd.DataFrame) -> tuple[str | None, list[str]]:
-    """The swept hyperparameter (x) and the metric columns (y) found in tune/results.parquet."""
+def tune_columns(tune: pd.DataFrame) -> tuple[str | None, list[str], list[str]]:
+    """The swept parameter (x), and the rate and loss columns of tune/results.parquet."""
+    from selfcorrect.tune import PARAMS, PLOT_METRICS
+
     x = next(
-        (p for p in TUNE_PARAMS if p in tune.columns and tune[p].nunique(dropna=True) > 1),
-        next((p for p in TUNE_PARAMS if p in tune.columns), None),
+        (p for p in PARAMS if p in tune.columns and tune[p].nunique(dropna=True) > 1),
+        "injection_rate" if "injection_rate" in tune.columns else None,
     )
-    ys = [m for m in TUNE_METRICS if m in tune.columns and pd.api.types.is_numeric_dtype(tune[m])]
-    return x, ys
+    found = [m for m in PLOT_METRICS if m in tune.columns and tune[m].notna().any()]
+    return x, [m for m in found if "loss" not in m], [m for m in found if "loss" in m]
 
 
 def fig_tune(run: Run) -> Figure | None:
-    """Metrics of the Ray Tune sweep against the injection rate (mean over samples per point)."""
+    """The Ray Tune sweep: rates (top) and validation losses (bottom) against the swept
+    parameter, mean over trials at each point with a min..max band."""
     t = run.tune
     if t is None or t.empty:
         return None
-    x, ys = tune_columns(t)
-    if x is None or not ys:
+    x, rates, losses = tune_columns(t)
+    if x is None or not (rates or losses):
         return None
+    panels = [p for p in (rates, losses) if p]
     tasks = _order(t["task"], run.tasks)
-    fig, axes = _subplots(len(ys), len(tasks), figsize=(5 * len(tasks), 2.8 * len(ys)))
+    fig, axes = _subplots(len(panels), len(tasks), figsize=(5.5 * len(tasks), 3.6 * len(panels)))
     for j, task in enumerate(tasks):
-        g = t[t["task"] == task].groupby(x)[ys].agg(["mean", "min", "max"])
-        for i, y in enumerate(ys):
+        tt = t[t["task"] == task]
+        for i, metrics in enumerate(panels):
             ax = axes[i][j]
-            xs = g.index.to_numpy(dtype=float)
-            ax.plot(xs, g[(y, "mean")], marker="o")
-            ax.fill_between(xs, g[(y, "min")], g[(y, "max")], alpha=0.2)
-            ax.set_title(f"{task}: {y}")
-            ax.set_xlabel(x)
+            for m in metrics:
+                g = tt.groupby(x)[m].agg(["mean", "min", "max"]).dropna().sort_index()
+                if g.empty:
+                    continue
+                xs = g.index.to_numpy(dtype=float)
+                ax.plot(xs, g["mean"], marker="o", label=m.replace("_", " "))
+                ax.fill_between(xs, g["min"], g["max"], alpha=0.15)
+            ax.set_title(f"{task}: {'rates' if metrics is rates else 'validation loss'}")
+            ax.set_xlabel(x.replace("_", " "))
+            if metrics is rates:
+                ax.set_ylim(-0.02, 1.05)
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -92,10 +92,13 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
                 io.join(root, task, "tune", "results.parquet"),
                 pd.DataFrame(
                     {
+                        "task": task,
                         "trial_id": [f"t{i}" for i in range(len(rates))],
+                        "status": "done",
                         "injection_rate": rates,
-                        "accuracy": rng.random(len(rates)),
-                        "recognition_rate": rng.random(len(rates)),
+                        "clean_accuracy": rng.random(len(rates)),
+                        "synthetic_recognition_rate": rng.random(len(rates)),
+                        "own_errors_recognition_rate": rng.random(len(rates)),
                         "val_loss": rng.random(len(rates)),
                     }
                 ),
