@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -136,7 +137,7 @@ def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]
         {"key": i, "prefix": r["prefix"], "seed": int(r["seed"]), "temperature": r["temperature"]}
         for i, r in enumerate(rows)
     ]
-    n_blocks = max(1, min(len(feed) // max(1, ev.batch_size), 4 * ev.num_actors)) or 1
+    n_blocks = max(1, min(math.ceil(len(feed) / ev.batch_size), 4 * ev.num_actors))
     ds = ray.data.from_items(feed, override_num_blocks=n_blocks).map_batches(
         GenerationActor,
         fn_constructor_kwargs={
@@ -253,19 +254,27 @@ def eval_hash(ctx: JobContext, task: str, model: str) -> str:
 def run(ctx: JobContext) -> list[str]:
     """Evaluate every model of eval.models that exists; returns the summary paths written."""
     cfg = ctx.cfg
+    found = {
+        task: [m for m in cfg.eval.models if io.exists(ctx.path(task, "models", m, "config.json"))]
+        for task in cfg.tasks
+    }
+    if not any(found.values()):
+        raise FileNotFoundError(
+            f"no model of eval.models={cfg.eval.models} found under "
+            f"{ctx.output_dir}/<task>/models/; run training first (python -m rayjobs.train)"
+        )
     init_ray(cfg)
     summaries: list[pd.DataFrame] = []
     written = []
     for task in cfg.tasks:
+        skipped = [m for m in cfg.eval.models if m not in found[task]]
+        if skipped:
+            print(f"[eval] {task}: no saved model for {skipped}, not evaluated")
         task_summary = []
-        for model in cfg.eval.models:
-            model_dir = ctx.path(task, "models", model)
-            if not io.exists(io.join(model_dir, "config.json")):
-                print(f"[eval] {task}/{model}: no model at {model_dir}, skipped")
-                continue
+        for model in found[task]:
 
-            def do(rec: dict, task: str = task, model: str = model, d: str = model_dir) -> None:
-                evaluate_model(cfg, task, d, model, ctx.output_dir)
+            def do(rec: dict, task: str = task, model: str = model) -> None:
+                evaluate_model(cfg, task, ctx.path(task, "models", model), model, ctx.output_dir)
                 rec["artifacts"].append(f"{task}/eval/{model}.parquet")
 
             run_stage(ctx, f"{task}/eval/{model}", eval_hash(ctx, task, model), do)
@@ -279,11 +288,6 @@ def run(ctx: JobContext) -> list[str]:
             io.write_parquet(path, s)
             written.append(path)
             summaries.append(s)
-    if not summaries:
-        raise FileNotFoundError(
-            f"no model of eval.models={cfg.eval.models} found under "
-            f"{ctx.output_dir}/<task>/models/; run training first (python -m rayjobs.train)"
-        )
     path = ctx.path("eval_summary.parquet")
     io.write_parquet(path, pd.concat(summaries, ignore_index=True))
     written.append(path)
@@ -293,7 +297,10 @@ def run(ctx: JobContext) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
     save_resolved_config(ctx)
-    paths = run(ctx)
+    try:
+        paths = run(ctx)
+    except (FileNotFoundError, io.CorruptFileError) as e:
+        raise SystemExit(f"eval error: {e}") from e
     print(f"eval written: {', '.join(paths)} and <task>/eval/<model>.parquet")
 
 

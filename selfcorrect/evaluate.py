@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 
 from selfcorrect.data import stream_rng
+from selfcorrect.harvest import pick_gold
 from selfcorrect.tasks import (
     ANSWER_PREFIX,
     LineEvent,
@@ -230,25 +231,31 @@ def own_errors(task: Task, problem: Problem, completion: str) -> list[dict[str, 
 
     Each wrong step W (malformed lines included, classified ``other``) yields
     recognized / corrected / parroted exactly as after an injected error; the
-    state S is the one the model was in when it wrote W.
+    state S is the one the model was in when it wrote W. As in harvesting
+    (``selfcorrect.harvest.score_sample``), an ANSWER line written before the work
+    is done is a wrong step, and a line written after the last step (where no
+    correct step exists to correct it to) is not scored.
     """
     lines = complete_lines(completion)
     events = walk_trace(task, problem, lines)
     correct = final_answer_correct(task, problem, completion)
     out = []
     for i, ev in enumerate(events):
-        if ev.kind != "step_wrong":
+        premature = ev.kind == "answer" and not task.is_done(ev.state_before)
+        if ev.kind != "step_wrong" and not premature:
+            continue
+        gold = pick_gold(task, ev.state_before, ev.line)
+        if gold is None:
             continue
         nxt = events[i + 1].line if i + 1 < len(events) else None
         recognized = i + 1 < len(events) and events[i + 1].kind == "recognition"
         after = events[i + 2].line if recognized and i + 2 < len(events) else None
-        gold = task.correct_steps(ev.state_before)
         out.append(
             {
                 "step_index": ev.index,
                 "prefix": render_prefix(task.prompt(problem), lines[: ev.index]),
                 "wrong_step": ev.line,
-                "gold_step": gold[0] if gold else None,
+                "gold_step": gold,
                 "error_type": classify_error(task, ev.state_before, ev.line),
                 "next_line": nxt,
                 "after_line": after,

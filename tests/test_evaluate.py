@@ -206,8 +206,10 @@ def test_own_error_parroted_and_missed(case):
     # wrong, recognition, the same wrong step again (parrot), then it goes on without noticing.
     text = lines(*case["prefix"], case["wrong"], R, case["wrong"], case["bad_answer"])
     errs = own_errors(task, problem, text)
-    assert len(errs) == 2
-    first, second = errs
+    # The parrot is itself a wrong step, and so is an ANSWER line before the work is done.
+    assert len(errs) == 3
+    first, second, third = errs
+    assert third["wrong_step"] == case["bad_answer"]
     assert first["recognized"] and first["parroted"] and not first["corrected"]
     assert not second["recognized"] and not second["parroted"]
     assert second["step_index"] == first["step_index"] + 2
@@ -225,6 +227,17 @@ def test_own_malformed_line_is_an_error_of_type_other(case):
 def test_own_truncated_tail_is_not_an_error(case):
     task, problem = case["task"], case["problem"]
     assert own_errors(task, problem, lines(*case["prefix"]) + case["fix"][:-1]) == []
+
+
+def test_own_premature_answer_is_an_error_and_lines_after_the_last_step_are_not(case):
+    task, problem = case["task"], case["problem"]
+    errs = own_errors(task, problem, lines(*case["prefix"], case["bad_answer"]))
+    assert [e["wrong_step"] for e in errs] == [case["bad_answer"]]
+    assert errs[0]["error_type"] == "other" and not errs[0]["recognized"]
+    golden = task.golden_steps(problem)
+    # An extra step where the ANSWER line belongs: nothing to correct it to, so not scored.
+    extra = lines(*golden, golden[-1], task.answer_line(problem))
+    assert own_errors(task, problem, extra) == []
 
 
 # ---------------------------------------------------------------------------
