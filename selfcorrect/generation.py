@@ -35,6 +35,7 @@ __all__ = [
     "answer_line_done",
     "generate",
     "generation_ray_args",
+    "map_generate",
 ]
 
 
@@ -266,17 +267,54 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def generation_ray_args(use_gpu: bool, cpus_per_actor: float = 1.0) -> dict[str, Any]:
-    """``ray_remote_args`` for a generation actor pool: resources plus actor restarts.
+    """Named resource arguments of ``map_batches`` for one generation actor.
 
-    ``max_restarts``/``max_task_retries`` let Ray Data restart a crashed actor and
-    re-run its unfinished batches, so a lost actor costs time, not rows.
+    Fault tolerance needs nothing here: Ray Data 2.60 creates pool actors with
+    ``max_restarts=-1`` and ``max_task_retries=-1``, so a crashed actor is
+    restarted and its unfinished batches re-run (a lost actor costs time, not rows).
     """
-    args: dict[str, Any] = {"max_restarts": 3, "max_task_retries": 3}
-    if use_gpu:
-        args["num_gpus"] = 1
-    else:
-        args["num_cpus"] = cpus_per_actor
-    return args
+    return {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_actor}
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def map_generate(
+    ds: Any,
+    model_path: str,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    num_actors: int = 1,
+    use_gpu: bool | None = None,
+    actor_cls: type | None = None,
+) -> Any:
+    """``ds`` (columns ``prefix``, ``seed``, ``temperature``) -> ``ds`` plus ``completion``.
+
+    A fixed pool of ``num_actors`` actors, one model copy each; GPUs are used
+    when the cluster has them (``use_gpu=None``). ``actor_cls`` swaps in a
+    subclass of ``GenerationActor`` (fault-injection tests do this).
+    """
+    import ray
+
+    if use_gpu is None:
+        use_gpu = cluster_has_gpus()
+    return ds.map_batches(
+        actor_cls or GenerationActor,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "use_gpu": use_gpu,
+            "torch_threads": None if use_gpu else 1,
+        },
+        **generation_ray_args(use_gpu),
+    )
 
 
 class GenerationActor:

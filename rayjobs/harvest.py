@@ -1,0 +1,168 @@
+"""Stage `harvest`: a model's own first errors on train/test problems, with Ray Data.
+
+python -m rayjobs.harvest --config configs/tiny.yaml --output-dir runs/tiny
+
+problems Parquet -> requests (problem x sample, each with its own seed) ->
+``map_batches`` over a fixed actor pool (one model copy per actor, batched
+KV-cached generation) -> parse + verify -> ``<task>/harvest/<model>-<split>.parquet``
+(one row per first wrong step) and ``<model>-<split>-outcomes.parquet`` (one row
+per sample: correct, first-error index), so accuracy and error rates come from
+the same pass. A crashed actor is restarted by Ray Data and its batches re-run;
+the driver checks that no sample is lost or duplicated before writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from selfcorrect import io
+from selfcorrect.config import Config
+from selfcorrect.data import DATA_COLUMNS
+from selfcorrect.generation import map_generate
+from selfcorrect.harvest import (
+    check_complete,
+    requests_table,
+    score_batch,
+    split_results,
+    summarize,
+)
+from selfcorrect.tasks import get_task
+
+
+def harvest_paths(task_name: str, model_name: str, split: str) -> tuple[str, str]:
+    """Relative paths of (error records, per-sample outcomes)."""
+    base = f"{task_name}/harvest/{model_name}-{split}"
+    return f"{base}.parquet", f"{base}-outcomes.parquet"
+
+
+def model_fingerprint(model_path: str) -> str:
+    """Changes whenever the model directory is rewritten (retraining reruns the harvest)."""
+    p = Path(model_path)
+    if not p.is_dir():
+        return model_path  # a hub id: its name is its identity
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def harvest(
+    cfg: Config,
+    task_name: str,
+    model_path: str,
+    model_name: str,
+    split: str,
+    output_dir: str,
+    *,
+    actor_cls: type | None = None,
+) -> dict[str, Any]:
+    """Harvest ``model_name``'s first errors on ``split``; writes both Parquet files atomically.
+
+    Returns a summary (accuracy, n_errors, error types, paths). ``actor_cls``
+    replaces ``GenerationActor`` (fault-injection tests).
+    """
+    import ray
+
+    hc = cfg.harvest
+    task = get_task(task_name, **cfg.task_options(task_name))
+    problems = io.read_parquet(
+        io.join(output_dir, task_name, "data", f"{split}.parquet"), required=DATA_COLUMNS
+    )
+    if hc.max_problems:
+        problems = problems.slice(0, hc.max_problems)
+    requests = requests_table(
+        problems,
+        samples_per_problem=hc.samples_per_problem,
+        temperature=hc.temperature,
+        seed=cfg.seed,
+    )
+    t0 = time.time()
+    # One block per generation batch, so every actor of the pool gets work.
+    bs = hc.batch_size
+    blocks = [requests.slice(i, bs) for i in range(0, requests.num_rows, bs)]
+    ds = ray.data.from_arrow(blocks)
+    ds = map_generate(
+        ds,
+        model_path,
+        max_new_tokens=hc.max_new_tokens,
+        batch_size=bs,
+        num_actors=hc.num_actors,
+        actor_cls=actor_cls,
+    )
+    ds = ds.map_batches(
+        score_batch,
+        batch_size=bs,
+        batch_format="numpy",
+        fn_kwargs={"task": task, "model_name": model_name, "split": split},
+        num_cpus=1,
+    )
+    errors, outcomes = split_results(ds.take_all())
+    check_complete(outcomes, requests)
+
+    rel_err, rel_out = harvest_paths(task_name, model_name, split)
+    io.write_parquet(io.join(output_dir, rel_err), errors)
+    io.write_parquet(io.join(output_dir, rel_out), outcomes)
+    summary = summarize(errors, outcomes)
+    summary.update(
+        task=task_name,
+        model=model_name,
+        split=split,
+        seconds=round(time.time() - t0, 2),
+        artifacts=[rel_err, rel_out],
+    )
+    print(
+        f"[harvest] {task_name}/{model_name}/{split}: {summary['n_samples']} samples, "
+        f"accuracy {summary['accuracy']:.3f}, {summary['n_errors']} errors "
+        f"{summary['error_types']} in {summary['seconds']}s -> {rel_err}, {rel_out}"
+    )
+    return summary
+
+
+def harvest_hash(cfg: Config, task_name: str, model_path: str) -> str:
+    h = hashlib.sha256()
+    h.update(cfg.section_hash("seed", task_name, "data", "harvest").encode())
+    h.update(model_fingerprint(model_path).encode())
+    return h.hexdigest()[:16]
+
+
+def run(ctx: JobContext) -> None:
+    """Harvest the FT model of every task on every split in ``harvest.splits``."""
+    init_ray(ctx.cfg)
+    for task_name in ctx.cfg.tasks:
+        model_path = ctx.path(task_name, "models", "ft")
+        if not io.is_uri(model_path) and not os.path.isdir(model_path):
+            raise FileNotFoundError(
+                f"no FT model at {model_path}; train it first: python -m rayjobs.train "
+                f"--output-dir {ctx.output_dir}"
+            )
+        for split in ctx.cfg.harvest.splits:
+
+            def body(rec: dict, task_name: str = task_name, split: str = split) -> None:
+                summary = harvest(ctx.cfg, task_name, model_path, "ft", split, ctx.output_dir)
+                rec["artifacts"].extend(summary.pop("artifacts"))
+                rec["summary"] = summary
+
+            run_stage(
+                ctx,
+                f"{task_name}/harvest/ft-{split}",
+                harvest_hash(ctx.cfg, task_name, model_path),
+                body,
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ctx = parse_args(__doc__, argv)
+    save_resolved_config(ctx)
+    run(ctx)
+    print(f"harvest written under {ctx.output_dir}/<task>/harvest/")
+
+
+if __name__ == "__main__":
+    main()
