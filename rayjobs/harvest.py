@@ -144,8 +144,10 @@ def run(ctx: JobContext) -> None:
             )
         for split in ctx.cfg.harvest.splits:
 
-            def body(rec: dict, task_name: str = task_name, split: str = split) -> None:
-                summary = harvest(ctx.cfg, task_name, model_path, "ft", split, ctx.output_dir)
+            def body(
+                rec: dict, task_name: str = task_name, split: str = split, path: str = model_path
+            ) -> None:
+                summary = harvest(ctx.cfg, task_name, path, "ft", split, ctx.output_dir)
                 rec["artifacts"].extend(summary.pop("artifacts"))
                 rec["summary"] = summary
 
