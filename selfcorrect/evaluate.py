@@ -359,7 +359,9 @@ def ft_error_items(
     """Items from harvested FT errors (``<task>/harvest/ft-test.parquet`` rows).
 
     A seeded subset of ``max_errors`` (0 = all), so a cap does not just keep the
-    first problems' errors; kept in error_id order.
+    first problems' errors; kept in error_id order. The prompt text is rendered
+    from the committed ``prefix_steps`` (falling back to the ``prefix`` text's
+    lines), in the trainer's format.
     """
     rows = sorted(harvest_rows, key=lambda r: str(r["error_id"]))
     if 0 < max_errors < len(rows):
