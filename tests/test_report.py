@@ -263,23 +263,27 @@ def test_report_job_cli(tmp_path):
     assert manifest["stages"]["report"]["status"] == "done"
 
 
-def test_notebook_executes_on_a_run_directory(tmp_path):
-    """The analysis notebook runs top to bottom with nbclient, sliced by task/method/type."""
+def execute_notebook(
+    run_dir: str,
+    task: str | None = None,
+    method: str | None = None,
+    error_type: str | None = None,
+):
+    """Run notebooks/analysis.ipynb top to bottom with nbclient; returns the executed notebook."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    root = make_synthetic_run(str(tmp_path / "run"))
     nb = nbformat.read(os.path.join(REPO, "notebooks", "analysis.ipynb"), as_version=4)
     env = {
-        "SELFCORRECT_RUN": root,
-        "SELFCORRECT_TASK": "sudoku",
-        "SELFCORRECT_METHOD": "eift",
-        "SELFCORRECT_ERROR_TYPE": "invalid",
+        "SELFCORRECT_RUN": run_dir,
+        "SELFCORRECT_TASK": task or "",
+        "SELFCORRECT_METHOD": method or "",
+        "SELFCORRECT_ERROR_TYPE": error_type or "",
     }
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    os.environ.update(env)  # the kernel inherits them
     try:
         nbclient.NotebookClient(
-            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": REPO}}
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": REPO}}
         ).execute()
     finally:
         for k, v in old.items():
@@ -287,9 +291,20 @@ def test_notebook_executes_on_a_run_directory(tmp_path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return nb
+
+
+def test_notebook_executes_on_a_run_directory(tmp_path):
+    """The analysis notebook runs top to bottom, sliced by task / method / error type."""
+    root = make_synthetic_run(str(tmp_path / "run"))
+    nb = execute_notebook(root, task="sudoku", method="eift", error_type="invalid")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 6  # every report figure, then the sliced ones
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "slice: task=sudoku method=eift error_type=invalid" in text
+    # the per-error-type table of the slice holds only the chosen type
+    pivot = next(c for c in nb.cells if "pivot_table" in c.source)
+    shown = "".join(o.get("data", {}).get("text/plain", "") for o in pivot.outputs)
+    assert "invalid" in shown and "non_naked_single" not in shown

@@ -1,0 +1,132 @@
+"""The smoke pipeline end to end (every stage, both tasks) in the session's local Ray, then:
+the DESIGN 7 layout, a rerun that skips everything, a config change that redoes only what
+depends on it, and the analysis notebook executed against the real run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from rayjobs import pipeline
+from rayjobs.common import JobContext
+from selfcorrect import io
+from selfcorrect.config import load_config
+from selfcorrect.report import load_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
+SUMMARY_COLUMNS = [
+    "task",
+    "model",
+    "condition",
+    "temperature",
+    "n",
+    "accuracy",
+    "recognition_rate",
+    "correction_rate",
+    "parrot_rate",
+    "false_alarm_rate",
+    *[
+        f"{r}_{s}"
+        for r in ("accuracy", "recognition_rate", "correction_rate")
+        for s in ("lo", "hi")
+    ],
+]
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_session, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("smoke") / "run")
+    cfg = load_config(SMOKE)
+    t0 = time.time()
+    timings = pipeline.run(JobContext(cfg, out))
+    print(f"smoke pipeline: {time.time() - t0:.0f}s {timings}")
+    return out, cfg, timings
+
+
+def test_every_stage_ran_and_wrote_the_design_layout(smoke):
+    out, cfg, timings = smoke
+    assert list(timings) == pipeline.STEP_NAMES
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    stages = manifest["stages"]
+    assert {k: v["status"] for k, v in stages.items() if v["status"] != "done"} == {}
+    models = pipeline.produced_models(cfg)
+    for task in cfg.tasks:
+        for key in (
+            f"{task}/data",
+            *[f"{task}/{m}" for m in cfg.train.methods],
+            f"{task}/harvest/ft-train",
+            f"{task}/harvest/ft-test",
+            f"{task}/coverage/ft",
+            f"{task}/grpo",
+            *[f"{task}/eval/{m}" for m in models],
+        ):
+            assert key in stages, key
+        for rel in (
+            "data/train.parquet",
+            "data/test.parquet",
+            "harvest/ft-train.parquet",
+            "harvest/ft-test.parquet",
+            "coverage/ft.parquet",
+            "tune/results.parquet",
+            *[f"models/{m}/config.json" for m in models],
+            *[f"eval/{m}.parquet" for m in models],
+        ):
+            assert io.exists(os.path.join(out, task, rel)), f"{task}/{rel}"
+    summary = io.read_parquet(os.path.join(out, "eval_summary.parquet"), SUMMARY_COLUMNS)
+    s = summary.to_pandas()
+    assert set(s["model"]) == set(models) and set(s["task"]) == set(cfg.tasks)
+    assert set(s["temperature"]) == set(cfg.eval.temperatures)
+    assert manifest["pipeline"]["total_seconds"] > 0
+
+
+def test_report_and_figures(smoke):
+    out, cfg, _ = smoke
+    text = open(os.path.join(out, "report.md")).read()
+    for fig in ("figure6", "accuracy", "temperature", "tune"):
+        assert f"figures/{fig}.png" in text, fig
+        assert os.path.getsize(os.path.join(out, "figures", f"{fig}.png")) > 1000
+    run = load_run(out)
+    assert run.tasks == cfg.tasks and run.models == pipeline.produced_models(cfg)
+    assert run.notes == []
+
+
+def test_rerun_skips_every_stage(smoke, capsys):
+    out, cfg, _ = smoke
+    before = json.loads(open(os.path.join(out, "manifest.json")).read())["stages"]
+    capsys.readouterr()
+    pipeline.run(JobContext(cfg, out))
+    printed = capsys.readouterr().out
+    after = json.loads(open(os.path.join(out, "manifest.json")).read())["stages"]
+    for key in before:
+        assert f"[skip] {key}:" in printed, key
+        assert after[key]["finished"] == before[key]["finished"], key
+
+
+def test_changed_section_redoes_only_its_stages(smoke, capsys):
+    out, _, _ = smoke
+    cfg = load_config(SMOKE, ["coverage.n_samples=2000"])
+    before = json.loads(open(os.path.join(out, "manifest.json")).read())["stages"]
+    capsys.readouterr()
+    pipeline.run(JobContext(cfg, out), [s for s in pipeline.STEPS if s.name != "tune"])
+    after = json.loads(open(os.path.join(out, "manifest.json")).read())["stages"]
+    redone = {k for k in after if after[k].get("finished") != before.get(k, {}).get("finished")}
+    assert redone == {f"{t}/coverage/ft" for t in cfg.tasks} | {"report"}
+    cov = io.read_parquet(os.path.join(out, "sudoku", "coverage", "ft.parquet")).to_pandas()
+    assert (cov["n_samples"] == 2000).all()
+
+
+def test_notebook_on_the_smoke_run(smoke):
+    from test_report import execute_notebook
+
+    out, _, _ = smoke
+    nb = execute_notebook(out, task="multiplication", method="eift")
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4
