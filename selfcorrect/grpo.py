@@ -161,16 +161,21 @@ def completion_batch(
 
 
 def token_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of every next token (and optionally the policy entropy there).
 
+    Logits are divided by the rollout ``temperature`` so the ratio and KL are those
+    of the distribution the completions were actually sampled from.
     Returns logp [B, T-1] (position t scores token t+1) and entropy [B, T-1] or None.
     """
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).logits  # [B, T, V]
-    logits = logits[:, :-1].float()  # [B, T-1, V]
+    logits = logits[:, :-1].float() / temperature  # [B, T-1, V]
     logp_all = F.log_softmax(logits, dim=-1)
     target = batch["input_ids"][:, 1:]  # [B, T-1]
     logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
