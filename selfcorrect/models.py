@@ -11,7 +11,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from selfcorrect.tokenizer import build_char_tokenizer
 
@@ -79,7 +85,7 @@ def load_model(
             "half-written or corrupt model: delete it and rerun training"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelPathError(f"could not load model from {path!r}: {e}") from e
@@ -87,6 +93,24 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer
+
+
+def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """AutoTokenizer, except for tokenizers saved as a plain ``tokenizer.json`` (our char one).
+
+    transformers 5 maps ``TokenizersBackend`` tokenizers to the class of the model
+    type (Qwen2Tokenizer for our Qwen2 presets), whose byte-level pre-tokenizer
+    silently drops newlines from the character tokenizer. Loading the saved
+    ``tokenizer.json`` as-is keeps it exactly as trained.
+    """
+    cfg_file = Path(path) / "tokenizer_config.json"
+    if cfg_file.exists():
+        import json
+
+        cls = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _looks_like_hub_id(path: str) -> bool:
