@@ -54,6 +54,7 @@ from selfcorrect.tune import (
     results_table,
     scheduler,
     search_alg,
+    segment_ends,
     summary_metrics,
     sweep_hash,
     trial_config,
@@ -90,16 +91,24 @@ def experiment_name(cfg: Config, task: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def train_trial_model(cfg: Config, task: str, output_dir: str, params: TrialParams) -> dict:
-    """Train the trial's EIFT model with the training job's code; returns its final metrics.
+def train_trial_model(
+    cfg: Config, task: str, output_dir: str, params: TrialParams, stop_at: int
+) -> dict[str, Any]:
+    """Train the trial's EIFT model up to step ``stop_at`` with the training job's worker loop
+    (``selfcorrect.training.train_loop_per_worker`` in a ``TorchTrainer``) and publish it to
+    ``trials/<name>/model``; returns the last training metrics.
 
-    The Ray Train run is named after the trial's parameters (never a timestamp),
-    so a restarted trial resumes the same run from its last checkpoint.
+    The Ray Train run is named after the trial (never a timestamp) and stored under
+    ``tune/ray/train``: a restarted trial, or the next segment of this one, resumes
+    the same run from its last checkpoint.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-    from selfcorrect.training import train_method
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from selfcorrect.training import MODEL_DIR, train_loop_per_worker
 
     tcfg = trial_config(cfg, params)
+    t = tcfg.train
     init = None
     if cfg.tune.init == "ft":
         init = io.join(output_dir, task, "models", "ft")
@@ -108,24 +117,53 @@ def train_trial_model(cfg: Config, task: str, output_dir: str, params: TrialPara
                 f"tune.init=ft starts every trial from the FT model, but {init} holds none; "
                 "train it first (python -m rayjobs.train) or set tune.init=scratch"
             )
-    return train_method(
-        tcfg,
-        task,
-        "eift",
-        output_dir=output_dir,
-        model_dir=io.join(trial_dir(output_dir, task, params), "model"),
-        init_model_path=init,
-        run_name=f"tune-{task}-{params.name}-{trial_hash(cfg, task, params)}",
-        callbacks=[TuneReportCallback()],
+        init = init if io.is_uri(init) else os.path.abspath(init)
+    train_tab = io.read_parquet(io.join(output_dir, task, "data", "train.parquet"), ["prompt"])
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": tcfg.to_dict(),
+            "task": task,
+            "method": "eift",
+            "prompts": train_tab.column("prompt").to_pylist(),
+            "onpolicy": None,
+            "init_model_path": init,
+            "max_steps": stop_at,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{params.name}-{trial_hash(cfg, task, params)}",
+            storage_path=io.join(experiment_storage(output_dir, task), "train"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
     )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"tune trial {task}/{params.name}: training left no checkpoint")
+    model_dir = io.join(trial_dir(output_dir, task, params), "model")
+    with result.checkpoint.as_directory() as d:
+        src = os.path.join(d, MODEL_DIR)
+        if not os.path.isdir(src):
+            raise RuntimeError(f"tune trial {task}/{params.name}: final checkpoint has no model")
+        io.upload_dir(src, model_dir)  # atomic replace locally
+    return dict(result.metrics or {})
 
 
 def evaluate_trial(
-    cfg_dict: dict[str, Any], task_name: str, output_dir: str, params: TrialParams
+    cfg_dict: dict[str, Any],
+    task_name: str,
+    output_dir: str,
+    params: TrialParams,
+    full: bool = True,
 ) -> dict[str, Any]:
-    """Validation loss + synthetic / own_errors metrics of one trial's model (a Ray task).
+    """Validation loss (+ with ``full``, synthetic / own_errors metrics) of a trial's model.
 
-    Same items and metric code as the eval stage (``rayjobs.evaluate.build_items``,
+    Runs as a Ray task on the resources the trial's training just released. Same
+    items and metric code as the eval stage (``rayjobs.evaluate.build_items``,
     ``selfcorrect.evaluate``), greedy decoding; the item rows are kept in the
     trial's ``eval.parquet``.
     """
@@ -154,44 +192,35 @@ def evaluate_trial(
         io.join(output_dir, task_name, "data", "test.parquet"), required=DATA_COLUMNS
     )
     problems = load_problems(task, test)
-    metrics: dict[str, Any] = {
-        "val_loss": validation_loss(
+    metrics: dict[str, Any] = {}
+    for key, clean in (("val_loss", False), ("val_loss_clean", True)):
+        examples = validation_examples(cfg, task, problems, params, clean=clean)
+        metrics[key] = validation_loss(model, tokenizer, examples, params, cfg.model.max_length)
+    if full:
+        n = cfg.tune.eval_problems or cfg.eval.max_problems
+        ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_problems=n))
+        items = build_items(ecfg, task_name, output_dir, list(TRIAL_CONDITIONS))
+        rows = expand_temperatures(items, task_name, f"tune/{params.name}", [0.0], cfg.seed)
+        completions = generate(
             model,
             tokenizer,
-            validation_examples(cfg, task, problems, params),
-            params,
-            cfg.model.max_length,
-        ),
-        "val_loss_clean": validation_loss(
-            model,
-            tokenizer,
-            validation_examples(cfg, task, problems, params, clean=True),
-            params,
-            cfg.model.max_length,
-        ),
-    }
-    n = cfg.tune.eval_problems or cfg.eval.max_problems
-    ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_problems=n))
-    items = build_items(ecfg, task_name, output_dir, list(TRIAL_CONDITIONS))
-    rows = expand_temperatures(items, task_name, f"tune/{params.name}", [0.0], cfg.seed)
-    completions = generate(
-        model,
-        tokenizer,
-        [r["prefix"] for r in rows],
-        max_new_tokens=cfg.eval.max_new_tokens,
-        temperature=0.0,
-        seeds=[int(r["seed"]) for r in rows],
-        batch_size=cfg.eval.batch_size,
-    )
-    df = sort_rows(rows_frame(score_items(task, rows, completions)))
-    io.write_parquet(io.join(tdir, "eval.parquet"), df)
-    metrics.update(summary_metrics(summarize(df)))
+            [r["prefix"] for r in rows],
+            max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=0.0,
+            seeds=[int(r["seed"]) for r in rows],
+            batch_size=cfg.eval.batch_size,
+        )
+        df = sort_rows(rows_frame(score_items(task, rows, completions)))
+        io.write_parquet(io.join(tdir, "eval.parquet"), df)
+        metrics.update(summary_metrics(summarize(df)))
     metrics["eval_seconds"] = round(time.time() - t0, 2)
     return metrics
 
 
 def run_trial(config: dict[str, Any], cfg_dict: dict[str, Any], task: str, output_dir: str) -> None:
-    """The Tune function trainable: train (Ray Train), evaluate (Ray task), report, remember."""
+    """The Tune function trainable: train (Ray Train) and evaluate (Ray task) segment by
+    segment, reporting the validation loss after each (ASHA's rungs), then remember the result.
+    """
     import ray
     import ray.tune
 
@@ -206,22 +235,33 @@ def run_trial(config: dict[str, Any], cfg_dict: dict[str, Any], task: str, outpu
             print(f"[tune] {task}/{params.name}: finished earlier, reporting its result")
             ray.tune.report(done["metrics"])
             return
-    t0 = time.time()
-    train = train_trial_model(cfg, task, output_dir, params) or {}
-    train_seconds = round(time.time() - t0, 2)
-    ev = ray.remote(evaluate_trial).options(**eval_resources(cfg))
-    metrics = ray.get(ev.remote(cfg_dict, task, output_dir, params))
-    metrics.update(
-        trial=params.name,
-        **dataclasses.asdict(params),
-        max_steps=cfg.tune.max_steps,
-        init=cfg.tune.init,
-        train_loss=_train_loss(train),
-        train_seconds=train_seconds,
-        model_path=io.join(tdir, "model"),
-    )
-    io.write_json(done_path, {"trial_hash": th, "metrics": metrics})
-    ray.tune.report(metrics)
+    started_at = time.time()
+    # Outside the trial's placement group (which holds only the driver's memory): the
+    # evaluation takes the cores its training just released.
+    ev = ray.remote(evaluate_trial).options(scheduling_strategy="DEFAULT", **eval_resources(cfg))
+    ends = segment_ends(cfg)
+    train_seconds = 0.0
+    for i, stop_at in enumerate(ends):
+        last = i == len(ends) - 1
+        t0 = time.time()
+        train = train_trial_model(cfg, task, output_dir, params, stop_at)
+        train_seconds += time.time() - t0
+        metrics = ray.get(ev.remote(cfg_dict, task, output_dir, params, full=last))
+        metrics.update(
+            trial=params.name if last else None,
+            **dataclasses.asdict(params),
+            step=stop_at,
+            max_steps=cfg.tune.max_steps,
+            init=cfg.tune.init,
+            train_loss=_train_loss(train),
+            train_seconds=round(train_seconds, 2),
+            model_path=io.join(tdir, "model"),
+            started_at=started_at,
+            finished_at=time.time(),
+        )
+        if last:
+            io.write_json(done_path, {"trial_hash": th, "metrics": metrics})
+        ray.tune.report(metrics)
 
 
 def _train_loss(train_metrics: dict) -> float | None:

@@ -56,6 +56,8 @@ RESULT_COLUMNS = [
     *[f"{c}_n" for c in TRIAL_CONDITIONS],
     "train_seconds",
     "eval_seconds",
+    "started_at",
+    "finished_at",
     "model_path",
     "error",
 ]
@@ -223,8 +225,10 @@ def trial_params(cfg: Config, config: Mapping[str, Any]) -> TrialParams:
 def trial_config(cfg: Config, params: TrialParams) -> Config:
     """The run config of one trial: EIFT with the trial's hyperparameters and ``tune.max_steps``.
 
-    Replicates train with another seed; data, eval items and eval sampling seeds
-    stay those of ``cfg.seed`` (every trial is scored on the same items).
+    Replicate ``r`` trains with seed ``cfg.seed + r``; data, eval items and eval
+    sampling seeds stay those of ``cfg.seed`` (every trial is scored on the same
+    items). The LR schedule spans ``tune.max_steps`` even when the trial trains
+    in segments (``segment_ends``), so segments replay one uninterrupted run.
     """
     train = dataclasses.replace(
         cfg.train,
@@ -238,7 +242,18 @@ def trial_config(cfg: Config, params: TrialParams) -> Config:
         if cfg.train.checkpoint_every
         else 0,
     )
-    return dataclasses.replace(cfg, train=train)
+    return dataclasses.replace(cfg, seed=cfg.seed + params.replicate, train=train)
+
+
+def segment_ends(cfg: Config) -> list[int]:
+    """Steps after which a trial reports its validation loss (ASHA's rungs), ending at max_steps.
+
+    ``tune.report_every`` steps apart; 0 = four reports under ASHA, one otherwise.
+    """
+    total = cfg.tune.max_steps
+    every = cfg.tune.report_every or (max(1, total // 4) if cfg.tune.asha else total)
+    ends = list(range(every, total, every))
+    return ends + [total]
 
 
 def sweep_hash(cfg: Config, task: str) -> str:
@@ -406,7 +421,7 @@ def results_table(task: str, records: Sequence[Mapping[str, Any]]) -> pd.DataFra
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     for c in ("max_errors", "replicate", "max_steps", "synthetic_n", "own_errors_n"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
-    for c in ("train_loss", "train_seconds", "eval_seconds"):
+    for c in ("train_loss", "train_seconds", "eval_seconds", "started_at", "finished_at"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     return df.sort_values(
         ["injection_rate", "max_errors", "w_recognition", "w_correction", "replicate"],
