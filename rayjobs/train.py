@@ -1,0 +1,264 @@
+"""Stage `ft` / `eift` / `hybrid` / `insec`: <task>/data/train.parquet -> <task>/models/<method>/.
+
+python -m rayjobs.train --config configs/tiny.yaml --output-dir runs/tiny [train.methods=[ft]]
+
+Each method is one Ray Train ``TorchTrainer`` run of
+``selfcorrect.training.train_loop_per_worker`` on ``train.num_workers`` workers
+(DeepSpeed ZeRO ``train.zero_stage`` 1/2/3, or plain DDP at stage 0; CPU via
+gloo, GPU via NCCL). Checkpoints go to Ray Train storage (a hidden sibling of
+the model dir) every ``train.checkpoint_every`` steps; ``FailureConfig``
+restarts crashed workers from the latest one, and rerunning an interrupted job
+resumes it too. The final model is published atomically with
+``save_pretrained`` (safetensors) + tokenizer + ``metrics.json`` /
+``metrics.parquet``. ``hybrid`` reads the FT model's on-policy errors from
+``<task>/harvest/ft-train.parquet`` (run the harvest stage first).
+
+Python API (pipeline, tune, notebooks): ``train_one`` trains one model and
+``tune_trainable`` runs one training inside a Ray Tune trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from selfcorrect import io
+from selfcorrect.config import Config, ConfigError, config_from_dict
+
+ONPOLICY_COLUMNS = ["prompt", "prefix_steps", "wrong_step", "error_type"]
+
+
+# Train keys that do not change the model a method produces.
+_NOT_IN_HASH = ("methods", "max_failures", "log_every", "checkpoint_every")
+
+
+def train_hash(cfg: Config, task: str, method: str) -> str:
+    """What a model depends on: seed, data, model, training settings, the method (and for
+    hybrid the harvest settings that produced its on-policy errors)."""
+    d = cfg.to_dict()
+    parts = {
+        "seed": d["seed"],
+        task: d[task],
+        "data": d["data"],
+        "model": d["model"],
+        "train": {k: v for k, v in d["train"].items() if k not in _NOT_IN_HASH},
+        "method": method,
+    }
+    if method == "hybrid":
+        parts["harvest"] = d["harvest"]
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_path(output_dir: str, task: str) -> str:
+    return io.join(output_dir, task, "data", "train.parquet")
+
+
+def onpolicy_path(output_dir: str, task: str) -> str:
+    return io.join(output_dir, task, "harvest", "ft-train.parquet")
+
+
+def model_dir(output_dir: str, task: str, method: str) -> str:
+    return io.join(output_dir, task, "models", method)
+
+
+def load_onpolicy(path: str) -> list[dict[str, Any]]:
+    """Harvested on-policy errors as records for ``traces.build_example(onpolicy=...)``."""
+    if not io.exists(path):
+        raise FileNotFoundError(
+            f"hybrid needs the FT model's on-policy errors at {path}; run the harvest stage on the "
+            "train split first (python -m rayjobs.harvest) or drop hybrid from train.methods"
+        )
+    table = io.read_parquet(path, required=ONPOLICY_COLUMNS)
+    recs = table.select(ONPOLICY_COLUMNS).to_pylist()
+    if not recs:
+        raise ValueError(
+            f"{path} holds no on-policy errors; the FT model made none on the harvested train "
+            "problems: harvest more problems (harvest.max_problems) or sample at temperature > 0"
+        )
+    for r in recs:
+        r["prefix_steps"] = list(r["prefix_steps"] or [])
+    return recs
+
+
+def check_shape(cfg: Config) -> None:
+    t = cfg.train
+    if t.batch_size % (t.micro_batch_size * t.num_workers):
+        raise ConfigError(
+            f"config key 'train.batch_size': {t.batch_size} must be a multiple of "
+            f"micro_batch_size * num_workers ({t.micro_batch_size} * {t.num_workers})"
+        )
+
+
+def _ray_storage(out_dir: str) -> str:
+    """Ray Train storage for this model's checkpoints: a hidden sibling of the model dir."""
+    if io.is_uri(out_dir):
+        return out_dir.rstrip("/") + "-ray"
+    p = Path(out_dir).absolute()
+    return str(p.with_name(f".{p.name}-ray"))
+
+
+def train_one(
+    cfg: Config,
+    task_name: str,
+    method: str,
+    out_dir: str,
+    *,
+    train_path: str,
+    onpolicy_path: str | None = None,
+    init_model_path: str | None = None,
+    max_steps: int | None = None,
+    run_name: str | None = None,
+    callbacks: list[Any] | None = None,
+    crash: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` on ``task_name`` with Ray Train and publish the model to ``out_dir``.
+
+    train_path: the task's ``data/train.parquet``; onpolicy_path: harvest table (hybrid);
+    init_model_path: start from this model instead of a random init (tune ``init: ft``);
+    max_steps: overrides ``train.max_steps``; callbacks: Ray Train ``UserCallback``s (e.g.
+    ``ray.tune.integration.ray_train.TuneReportCallback`` inside a Tune trial); crash: test
+    hook ``{"rank", "step", "marker"}``. Ray must be initialised. Returns the last metrics
+    (the full history is in ``out_dir/metrics.json`` and ``metrics.parquet``).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from selfcorrect.training import METHODS, MODEL_DIR, STATE_FILE, train_loop_per_worker
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_shape(cfg)
+    prompts = io.read_parquet(train_path, required=["prompt"]).column("prompt").to_pylist()
+    onpolicy = None
+    if method == "hybrid":
+        if onpolicy_path is None:
+            raise ValueError("hybrid needs onpolicy_path (the harvest of the FT model on train)")
+        onpolicy = load_onpolicy(onpolicy_path)
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    name = run_name or f"{task_name}-{method}-{train_hash(cfg, task_name, method)}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "task": task_name,
+            "method": method,
+            "prompts": prompts,
+            "onpolicy": onpolicy,
+            "init_model_path": init_model_path,
+            "max_steps": max_steps,
+            "crash": crash,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=_ray_storage(out_dir),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {task_name}/{method} finished without a final checkpoint")
+    local_out = not io.is_uri(out_dir)
+    with result.checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        stage = io.staging_dir(out_dir) if local_out else tempfile.mkdtemp(prefix="train-")
+        shutil.rmtree(stage)
+        shutil.copytree(Path(d, MODEL_DIR), stage)
+    history = state["history"]
+    _write_metrics(stage, history)
+    Path(stage, "train_state.json").write_text(
+        json.dumps({"steps": state["step"], "resumed_at": state.get("resumes", [])}, indent=2)
+    )
+    if local_out:
+        io.replace_dir(stage, out_dir)
+        shutil.rmtree(_ray_storage(out_dir), ignore_errors=True)  # superseded by the model
+    else:
+        io.upload_dir(stage, out_dir)
+        shutil.rmtree(stage, ignore_errors=True)
+    return history[-1] if history else {}
+
+
+def _write_metrics(d: str, history: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    Path(d, "metrics.json").write_text(json.dumps(history, indent=2))
+    cols = sorted({k for h in history for k in h})
+    pq.write_table(
+        pa.table({c: [h.get(c) for h in history] for c in cols}), str(Path(d, "metrics.parquet"))
+    )
+
+
+def tune_trainable(config: dict[str, Any]) -> None:
+    """A Ray Tune function trainable that launches one ``TorchTrainer`` (Ray's documented
+    Tune-over-Train pattern); Train metrics reach Tune via ``TuneReportCallback``.
+
+    config: ``cfg`` (Config.to_dict() with the trial's hyperparameters applied), ``task``,
+    ``method``, ``out_dir``, ``train_path`` and optionally ``onpolicy_path``,
+    ``init_model_path``, ``max_steps``, ``run_name``. Use ``tune.with_resources`` with few
+    resources for this driver; the training workers request their own.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = config_from_dict(config["cfg"])
+    train_one(
+        cfg,
+        config["task"],
+        config["method"],
+        config["out_dir"],
+        train_path=config["train_path"],
+        onpolicy_path=config.get("onpolicy_path"),
+        init_model_path=config.get("init_model_path"),
+        max_steps=config.get("max_steps"),
+        run_name=config.get("run_name"),
+        callbacks=[TuneReportCallback()],
+    )
+
+
+def run(ctx: JobContext) -> None:
+    """Train every ``train.methods`` model for every task (finished ones are skipped)."""
+    cfg = ctx.cfg
+    check_shape(cfg)
+    init_ray(cfg)
+    for name in cfg.tasks:
+        for method in cfg.train.methods:
+
+            def build(rec: dict, name: str = name, method: str = method) -> None:
+                rel = f"{name}/models/{method}"
+                m = train_one(
+                    cfg,
+                    name,
+                    method,
+                    ctx.path(rel),
+                    train_path=data_path(ctx.output_dir, name),
+                    onpolicy_path=onpolicy_path(ctx.output_dir, name),
+                )
+                rec["artifacts"].append(rel)
+                rec["final"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+                print(f"[train] {name}/{method}: {ctx.path(rel)} (loss {m.get('loss', 0):.4f})")
+
+            run_stage(ctx, f"{name}/{method}", train_hash(cfg, name, method), build)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ctx = parse_args(__doc__, argv)
+    save_resolved_config(ctx)
+    run(ctx)
+    print(f"models written under {ctx.output_dir}/<task>/models/<method>/")
+
+
+if __name__ == "__main__":
+    main()

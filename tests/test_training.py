@@ -1,0 +1,238 @@
+"""Unit tests of the training loop, run in-process (no Ray): data feeding, masking, resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from selfcorrect.config import load_config
+from selfcorrect.data import make_splits
+from selfcorrect.loss import LossWeights, collate, encode_example, weighted_lm_loss
+from selfcorrect.models import build_model
+from selfcorrect.tasks import get_task
+from selfcorrect.traces import Span, eift_example, insec_example
+from selfcorrect.training import (
+    TORCH_STATE,
+    ExampleStream,
+    LocalSession,
+    lr_factor,
+    run_training,
+    step_problem_indices,
+    train_local,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(*overrides: str):
+    return load_config(
+        os.path.join(REPO, "configs", "smoke.yaml"),
+        ["train.log_every=1", "train.cpus_per_worker=1", *overrides],
+    )
+
+
+@pytest.fixture(scope="module")
+def mul_prompts() -> list[str]:
+    task = get_task("multiplication", digits_a=2, digits_b=2)
+    return make_splits(task, 64, 8, 0)["train"].column("prompt").to_pylist()
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _final_state(session: LocalSession) -> dict[str, torch.Tensor]:
+    return torch.load(
+        os.path.join(session.latest, TORCH_STATE), weights_only=False, map_location="cpu"
+    )["model"]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_step_indices_cover_each_epoch_once_and_are_seeded():
+    n, B = 10, 4
+    idx = np.concatenate([step_problem_indices(n, s, B, 0, "t", "ft") for s in range(5)])
+    assert sorted(idx[:10].tolist()) == list(range(10))  # epoch 0 is a permutation
+    assert sorted(idx[10:20].tolist()) == list(range(10))  # so is epoch 1
+    assert not np.array_equal(idx[:10], idx[10:20])  # reshuffled per epoch
+    again = step_problem_indices(n, 3, B, 0, "t", "ft")
+    assert np.array_equal(again, idx[12:16])
+    assert not np.array_equal(step_problem_indices(n, 3, B, 1, "t", "ft"), again)
+
+
+@pytest.mark.parametrize("method", ["ft", "eift", "insec"])
+def test_worker_shards_concatenate_to_the_single_worker_batch(mul_prompts, method):
+    """Data depends on (seed, step) only: two ranks together see exactly one rank's batch."""
+    cfg = _cfg("train.injection_rate=0.5")
+    _, tok = build_model("nano", 256)
+    s = ExampleStream(cfg, "multiplication", method, mul_prompts, tok)
+    one = s.local_batch(7, 0, 1)
+    two = s.local_batch(7, 0, 2) + s.local_batch(7, 1, 2)
+    assert len(one) == cfg.train.batch_size
+    for a, b in zip(one, two, strict=True):
+        for k in a:
+            assert np.array_equal(a[k], b[k])
+    other = s.local_batch(8, 0, 1)
+    assert any(not np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(one, other, strict=True))
+
+
+def test_eift_stream_injects_errors_at_the_configured_rate(mul_prompts):
+    cfg = _cfg("train.injection_rate=0.5")
+    _, tok = build_model("nano", 256)
+    s = ExampleStream(cfg, "multiplication", "eift", mul_prompts, tok)
+    kinds = [b["span_kind"] for step in range(8) for b in s.local_batch(step, 0, 1)]  # 128 examples
+    frac = np.mean([np.any(k == Span.WRONG) for k in kinds])
+    assert 0.35 < frac < 0.65
+
+
+def test_hybrid_without_onpolicy_errors_is_a_clear_error(mul_prompts):
+    _, tok = build_model("nano", 256)
+    with pytest.raises(ValueError, match="on-policy"):
+        ExampleStream(_cfg(), "multiplication", "hybrid", mul_prompts, tok)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert f[-1] == pytest.approx(0.1, abs=0.01)
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def _eift_batch(tok, seed=0):
+    task = get_task("multiplication", digits_a=2, digits_b=2)
+    rng = np.random.default_rng(seed)
+    exs = [eift_example(task, task.sample_problem(rng), rng, max_errors=2) for _ in range(4)]
+    return collate([encode_example(tok, e, LossWeights()) for e in exs], tok.pad_token_id)
+
+
+def test_wrong_step_tokens_get_exactly_zero_gradient():
+    """The logit rows that predict wrong-step tokens receive no gradient; golden ones do."""
+    model, tok = build_model("nano", 256, seed=0)
+    batch = _eift_batch(tok)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits.retain_grad()
+    loss, _ = weighted_lm_loss(logits, batch, batch["loss_weight"][:, 1:].sum())
+    loss.backward()
+    g = logits.grad.abs().sum(-1)[:, :-1]  # [B, T-1]: row t predicts token t+1
+    target_kind = batch["span_kind"][:, 1:]
+    wrong = target_kind == Span.WRONG
+    golden = (target_kind == Span.GOLDEN) & (batch["attention_mask"][:, 1:] > 0)
+    assert wrong.sum() > 0
+    assert torch.all(g[wrong] == 0)
+    assert torch.all(g[golden] > 0)
+
+
+def test_batch_weighted_only_on_wrong_steps_yields_zero_parameter_gradient():
+    model, tok = build_model("nano", 256, seed=0)
+    batch = _eift_batch(tok, seed=1)
+    only_wrong = batch["loss_weight"] * (batch["span_kind"] == Span.WRONG)
+    assert only_wrong.sum() == 0  # the mask gives wrong steps weight 0 ...
+    batch["loss_weight"] = only_wrong
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, _ = weighted_lm_loss(logits, batch, torch.tensor(1.0))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)  # ... so no gradient
+
+
+def _mistake_prob(model, batch) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    p = logits[:, :-1].float().softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    sel = batch["span_kind"][:, 1:] == Span.MISTAKE
+    return float(p[sel].mean())
+
+
+@pytest.mark.parametrize("mode", ["unlikelihood", "mask"])
+def test_unlikelihood_pushes_mistake_token_probability_down(mode):
+    """Only the unlikelihood term is active (loss weights zeroed): mistakes get less likely;
+    with mistake_loss=mask the same batch produces no update at all."""
+    model, tok = build_model("nano", 256, seed=0)
+    task = get_task("multiplication", digits_a=2, digits_b=2)
+    rng = np.random.default_rng(0)
+    weights = LossWeights(mistake_loss=mode, w_unlikelihood=1.0)
+    exs = [insec_example(task, task.sample_problem(rng), rng, p_mistake=0.5) for _ in range(8)]
+    batch = collate([encode_example(tok, e, weights) for e in exs], tok.pad_token_id)
+    assert (batch["span_kind"] == Span.MISTAKE).any()
+    batch["loss_weight"].zero_()
+    before = _mistake_prob(model, batch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = weighted_lm_loss(logits, batch, torch.tensor(float(batch["ul_weight"].sum() + 1)))
+        opt.zero_grad()
+        if loss.requires_grad:
+            loss.backward()
+        opt.step()
+    after = _mistake_prob(model, batch)
+    if mode == "unlikelihood":
+        assert after < 0.5 * before
+    else:
+        assert after == pytest.approx(before, abs=1e-7)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_local_training_reduces_loss_and_writes_a_loadable_model(mul_prompts, tmp_path):
+    from selfcorrect.models import load_model
+
+    cfg = _cfg("train.checkpoint_every=0")
+    last, session = train_local(cfg, "multiplication", "eift", mul_prompts, max_steps=12)
+    hist = session.reports
+    assert [h["step"] for h in hist] == list(range(1, 13))
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.5
+    assert {"loss_golden", "lr", "tokens_per_s", "grad_norm"} <= set(last)
+    model, tok = load_model(os.path.join(session.latest, "model"))
+    init, _ = build_model("nano", cfg.model.max_length, seed=cfg.seed)
+    changed = [
+        not torch.equal(p, q) for p, q in zip(model.parameters(), init.parameters(), strict=True)
+    ]
+    assert all(changed)
+
+
+def test_micro_batching_does_not_change_the_update(mul_prompts):
+    """Global-batch normalisation: 1 x 16 and 4 x 4 micro-batches give the same step."""
+    a = _final_state(
+        train_local(
+            _cfg("train.micro_batch_size=16"), "multiplication", "eift", mul_prompts, max_steps=2
+        )[1]
+    )
+    b = _final_state(
+        train_local(
+            _cfg("train.micro_batch_size=4"), "multiplication", "eift", mul_prompts, max_steps=2
+        )[1]
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_resume_from_checkpoint_is_exact(mul_prompts, tmp_path):
+    """6 steps straight == 3 steps, checkpoint, new process state, 3 more steps."""
+    cfg = _cfg("train.checkpoint_every=3", "train.injection_rate=0.5")
+    _, straight = train_local(cfg, "multiplication", "eift", mul_prompts, max_steps=6)
+    ckpts = sorted(p for p in os.listdir(straight.root) if p.startswith("checkpoint_"))
+    assert len(ckpts) == 2
+    resumed = LocalSession(str(tmp_path / "resumed"))
+    resumed.latest = str(tmp_path / "at3")
+    shutil.copytree(os.path.join(straight.root, ckpts[0]), resumed.latest)
+    config = {
+        "cfg": cfg.to_dict(),
+        "task": "multiplication",
+        "method": "eift",
+        "prompts": mul_prompts,
+        "max_steps": 6,
+    }
+    run_training(config, resumed)
+    assert [r["step"] for r in resumed.reports] == [4, 5, 6]
+    a, b = _final_state(straight), _final_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
