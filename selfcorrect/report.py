@@ -163,16 +163,23 @@ def load_run(root: str) -> Run:
     evals, harvest, coverage, tune = [], [], [], []
     for task in tasks:
         d = io.join(root, task, "eval")
+        # Only the DESIGN 7 files: stages keep side tables next to them (eval/summary.parquet,
+        # harvest/<model>-<split>-outcomes.parquet, coverage/<model>-summary.parquet).
         evals += [
-            _read(io.join(d, f), notes, task=task, model=f[:-8]) for f in _list(d, ".parquet")
+            _read(io.join(d, f), notes, task=task, model=f[:-8])
+            for f in _list(d, ".parquet")
+            if f != "summary.parquet"
         ]
         d = io.join(root, task, "harvest")
         for f in _list(d, ".parquet"):
             model, _, split = f[:-8].rpartition("-")
-            harvest.append(_read(io.join(d, f), notes, task=task, model=model, split=split))
+            if model and split in ("train", "test"):
+                harvest.append(_read(io.join(d, f), notes, task=task, model=model, split=split))
         d = io.join(root, task, "coverage")
         coverage += [
-            _read(io.join(d, f), notes, task=task, model=f[:-8]) for f in _list(d, ".parquet")
+            _read(io.join(d, f), notes, task=task, model=f[:-8])
+            for f in _list(d, ".parquet")
+            if not f.endswith("-summary.parquet")
         ]
         p = io.join(root, task, "tune", "results.parquet")
         if io.exists(p):

@@ -160,6 +160,18 @@ def test_load_run_reads_every_table(tmp_path):
     assert run.notes == []
 
 
+def test_side_tables_of_stages_are_not_mistaken_for_results(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"))
+    side = pd.DataFrame({"x": [1]})
+    io.write_parquet(io.join(root, "sudoku", "eval", "summary.parquet"), side)
+    io.write_parquet(io.join(root, "sudoku", "harvest", "ft-train-outcomes.parquet"), side)
+    io.write_parquet(io.join(root, "sudoku", "coverage", "ft-summary.parquet"), side)
+    run = load_run(root)
+    assert set(run.evals["model"]) == set(MODELS)
+    assert set(run.harvest["split"]) == {"train", "test"} and "x" not in run.harvest
+    assert set(run.coverage["model"]) == {"ft"}
+
+
 def test_figure6_table_matches_summary(tmp_path):
     run = load_run(make_synthetic_run(str(tmp_path / "run")))
     table = figure6_table(run)
