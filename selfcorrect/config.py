@@ -224,7 +224,6 @@ class GRPOConfig:
     micro_batch_size: int = _f(0, "sequences per forward pass per worker (0 = whole local batch)")
     updates_per_batch: int = _f(1, "optimizer steps per rollout batch (>1 makes the clip matter)")
     weight_decay: float = _f(0.0, "AdamW weight decay (0: zero advantage leaves weights alone)")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     correction_bonus: float = _f(0.5, "self_correction reward: bonus for fixing a real wrong step")
     false_alarm_penalty: float = _f(0.5, "self_correction reward: penalty per false alarm")
     checkpoint_every: int = _f(0, "steps between Ray Train checkpoints (0 = only at the end)")
@@ -246,7 +245,6 @@ class GRPOConfig:
         _check(self.micro_batch_size >= 0, "grpo.micro_batch_size", "must be >= 0")
         _check(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
         _check(self.weight_decay >= 0, "grpo.weight_decay", "must be >= 0")
-        _check(self.max_grad_norm >= 0, "grpo.max_grad_norm", "must be >= 0")
         _check(
             min(self.checkpoint_every, self.eval_every, self.eval_problems) >= 0,
             "grpo.checkpoint_every/eval_every/eval_problems",

@@ -1,8 +1,12 @@
-"""GRPO pieces that do not need Ray: verifier rewards, group-normalised advantages, the loss.
+"""GRPO: verifier rewards, group-normalised advantages, the clipped-ratio + KL loss, the loop.
 
-The training loop that uses them (rollouts on Ray Train workers, DeepSpeed
-updates, checkpoints) lives in ``rayjobs/grpo.py``; everything here is a plain
-function so it can be unit-tested on hand-written completions and a tiny model.
+The pieces are plain functions, unit-tested on hand-written completions and a
+tiny model. ``run_grpo`` is the per-worker loop: Ray Train's ``TorchTrainer``
+runs it through ``train_loop_per_worker`` (``rayjobs/grpo.py`` is the job), and
+``grpo_local`` runs the same loop in one plain process (benchmarks, notebooks).
+It reuses the supervised trainer's engine (``selfcorrect.training.Engine``:
+DeepSpeed ZeRO 1-3 from ``train.zero_stage``, or DDP at stage 0), sessions and
+checkpoint layout, so GRPO checkpoints and resumes exactly like training.
 
 Rewards are computed by the shared task verifier only (``selfcorrect.tasks``),
 the same code that scores evaluation, so GRPO optimises exactly what eval
@@ -11,12 +15,21 @@ measures and nothing tuned to flatter it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from selfcorrect.config import Config, ConfigError, config_from_dict
 from selfcorrect.tasks import (
     Problem,
     Task,
@@ -218,3 +231,342 @@ def grpo_loss(
             "clip_fraction": float((clipped * mask).sum() / total),
         }
     return loss, stats
+
+
+# ---------------------------------------------------------------------------
+# The loop (one copy per data-parallel worker)
+# ---------------------------------------------------------------------------
+
+
+def grpo_world_size(cfg: Config) -> int:
+    return cfg.grpo.num_workers or cfg.train.num_workers
+
+
+def check_batch_shape(cfg: Config, world: int | None = None) -> tuple[int, int, int]:
+    """(prompts per worker, sequences per worker, micro batch): clear error if they do not split."""
+    g = cfg.grpo
+    world = world or grpo_world_size(cfg)
+    if g.prompts_per_step % world:
+        raise ConfigError(
+            f"config key 'grpo.prompts_per_step': {g.prompts_per_step} prompts do not split over "
+            f"{world} workers; make it a multiple of {world}"
+        )
+    local_prompts = g.prompts_per_step // world
+    local_seqs = local_prompts * g.group_size
+    micro = g.micro_batch_size or local_seqs
+    if local_seqs % micro:
+        raise ConfigError(
+            f"config key 'grpo.micro_batch_size': {micro} does not divide the {local_seqs} "
+            "sequences per worker (prompts_per_step / workers * group_size)"
+        )
+    return local_prompts, local_seqs, micro
+
+
+def _engine_cfg(cfg: Config, micro: int) -> Config:
+    """The train section the shared Engine reads, with GRPO's optimizer settings.
+
+    Constant learning rate: warmup 0 and a decay horizon far beyond the run (the
+    Engine's schedule is cosine to 10% at ``max_steps``).
+    """
+    g = cfg.grpo
+    train = dataclasses.replace(
+        cfg.train,
+        lr=g.lr,
+        weight_decay=g.weight_decay,
+        micro_batch_size=micro,
+        warmup_steps=0,
+        max_steps=10**9,
+    )
+    return dataclasses.replace(cfg, train=train)
+
+
+def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
+    """The GRPO loop. ``config``: cfg (Config.to_dict()), task, train_prompts, eval_prompts,
+    init_model_path, and optionally max_steps. ``session``: ``selfcorrect.training``'s
+    RaySession or LocalSession. Returns the last metrics.
+
+    Per step: the step's prompts and sampling seeds come from (seed, task, step) only,
+    so the run does not depend on the number of workers and a resumed run replays
+    exactly what an uninterrupted one would. Each worker samples ``group_size``
+    completions for its prompts with the KV-cached generator, scores them with the
+    verifier, and takes ``updates_per_batch`` optimizer steps on them.
+    """
+    from selfcorrect.data import stream_rng
+    from selfcorrect.generation import generate
+    from selfcorrect.models import load_model
+    from selfcorrect.tasks import get_task
+    from selfcorrect.training import (
+        MODEL_DIR,
+        STATE_FILE,
+        Engine,
+        _all_max,
+        _all_sum,
+        _autocast,
+        build_training_model,
+        save_final_model,
+    )
+
+    cfg = config_from_dict(config["cfg"])
+    g = cfg.grpo
+    rank, world = session.rank, session.world
+    use_ray = type(session).__name__ == "RaySession"
+    local_prompts, local_seqs, micro = check_batch_shape(cfg, world)
+    n_micro = local_seqs // micro
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    if cfg.train.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+    bf16 = cfg.train.bf16
+    torch.manual_seed(cfg.seed + rank)
+
+    task_name = config["task"]
+    task = get_task(task_name, **cfg.task_options(task_name))
+    reward_fn = get_reward(
+        g.reward, bonus=g.correction_bonus, false_alarm_penalty=g.false_alarm_penalty
+    )
+    train_prompts: list[str] = list(config["train_prompts"])
+    eval_prompts: list[str] = list(config.get("eval_prompts") or [])
+    train_problems = [task.parse_prompt(p) for p in train_prompts]
+    eval_problems = [task.parse_prompt(p) for p in eval_prompts]
+
+    init_dir = _local_model_dir(config["init_model_path"])
+    model, tok = build_training_model(cfg, init_dir)  # LoRA adapters if model.lora
+    model.to(device)
+    ref, _ = load_model(init_dir, device=device)
+    ref.requires_grad_(False)
+    engine = Engine(_engine_cfg(cfg, micro), model, world, n_micro, use_ray)
+
+    history: list[dict[str, Any]] = []
+    resumes: list[int] = []
+    start = 0
+    ckpt_dir = session.get_checkpoint_dir()
+    if ckpt_dir:
+        state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+        start, history = int(state["step"]), list(state["history"])
+        resumes = [*state.get("resumes", []), start]
+        engine.load(ckpt_dir)
+        if rank == 0:
+            print(f"[grpo] {task_name}: resumed from checkpoint at step {start}", flush=True)
+    max_steps = int(config.get("max_steps") or g.steps)
+
+    def heldout() -> dict[str, float]:
+        """Greedy accuracy and reward on held-out problems (sharded over workers)."""
+        if not eval_prompts:
+            return {}
+        mine = list(range(rank, len(eval_prompts), world))
+        with engine.gathered():
+            texts = generate(
+                engine.module,
+                tok,
+                [eval_prompts[i] + "\n" for i in mine],
+                max_new_tokens=g.max_new_tokens,
+                temperature=0.0,
+            )
+        acc = sum(
+            reward_answer(task, eval_problems[i], t) for i, t in zip(mine, texts, strict=True)
+        )
+        rew = sum(reward_fn(task, eval_problems[i], t) for i, t in zip(mine, texts, strict=True))
+        acc, rew = _all_sum([acc, rew])
+        return {
+            "heldout_accuracy": acc / len(eval_prompts),
+            "heldout_reward": rew / len(eval_prompts),
+        }
+
+    def checkpoint(step: int, metrics: dict[str, Any], final: bool) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            engine.save(d, rank)
+            if final:
+                with engine.gathered():
+                    if rank == 0:
+                        save_final_model(
+                            engine.module, tok, os.path.join(d, MODEL_DIR), cfg.model.lora
+                        )
+            if rank == 0:
+                Path(d, STATE_FILE).write_text(
+                    json.dumps(
+                        {"step": step, "history": history, "final": final, "resumes": resumes}
+                    )
+                )
+            session.report(metrics, d)
+
+    if start == 0 and not history:
+        first = {"step": 0, **heldout()}
+        history.append(first)
+        if rank == 0:
+            print(f"[grpo] {task_name}: before training {first}", flush=True)
+    t_start = time.time()
+    last: dict[str, Any] = history[-1]
+    step = start
+    for step in range(start + 1, max_steps + 1):
+        t0 = time.time()
+        rng = stream_rng(cfg.seed, task_name, "grpo", step)
+        idx = rng.choice(
+            len(train_prompts),
+            size=g.prompts_per_step,
+            replace=len(train_prompts) < g.prompts_per_step,
+        )
+        seeds = rng.integers(0, 2**31 - 1, size=(g.prompts_per_step, g.group_size))
+        lo, hi = rank * local_prompts, (rank + 1) * local_prompts
+        mine = [int(i) for i in idx[lo:hi]]
+        prefixes = [train_prompts[i] + "\n" for i in mine for _ in range(g.group_size)]
+        problems = [train_problems[i] for i in mine for _ in range(g.group_size)]
+        with engine.gathered():
+            completions = generate(
+                engine.module,
+                tok,
+                prefixes,
+                max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature,
+                seeds=[int(s) for s in seeds[lo:hi].reshape(-1)],
+                batch_size=max(64, local_seqs),
+            )
+        t_gen = time.time() - t0
+
+        t1 = time.time()
+        rewards = torch.tensor(
+            [reward_fn(task, p, c) for p, c in zip(problems, completions, strict=True)]
+        )  # [local_seqs], group after group
+        adv = group_advantages(rewards, g.group_size).to(device)  # [local_seqs]
+        batch = completion_batch(tok, prefixes, completions, g.max_new_tokens)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mask = batch["completion_mask"][:, 1:]  # [B, T-1]: next-token positions in completions
+        chunks = [slice(i, i + micro) for i in range(0, local_seqs, micro)]
+
+        def sub(s: slice, batch: dict[str, torch.Tensor] = batch) -> dict[str, torch.Tensor]:
+            return {k: v[s] for k, v in batch.items()}
+
+        with torch.no_grad(), _autocast(device, bf16):
+            ref_lp = [token_logprobs(ref, sub(s), g.temperature)[0] for s in chunks]
+            old_lp = (
+                [token_logprobs(engine.wrapped, sub(s), g.temperature)[0] for s in chunks]
+                if g.updates_per_batch > 1
+                else None
+            )
+        kl_sum = ent_sum = clip_sum = loss_sum = 0.0
+        for it in range(g.updates_per_batch):
+            for j, s in enumerate(chunks):
+                last_micro = j == len(chunks) - 1
+                with engine.no_sync(last_micro):
+                    with _autocast(device, bf16):
+                        logp, ent = token_logprobs(
+                            engine.wrapped, sub(s), g.temperature, with_entropy=it == 0
+                        )
+                    old = old_lp[j] if old_lp is not None else logp.detach()
+                    loss, st = grpo_loss(logp, old, ref_lp[j], adv[s], mask[s], g.clip, g.kl_coef)
+                    # each micro-batch's loss is its sequence mean: /n_micro makes the step's
+                    # gradient the mean over this worker's sequences (workers are averaged)
+                    engine.backward(loss / n_micro)
+                if not last_micro:
+                    engine.micro_step()
+                if it == 0:
+                    n_m = float(mask[s].sum())
+                    kl_sum += st["kl"] * n_m
+                    ent_sum += float((ent * mask[s]).sum())
+                    clip_sum += st["clip_fraction"] * n_m
+                    loss_sum += float(loss.detach()) * (s.stop - s.start)
+            grad_norm = engine.step()
+        t_upd = time.time() - t1
+
+        r = rewards.view(-1, g.group_size)
+        tot_r, tot_r2, no_signal, kl, ent, clipf, loss_tot, tokens, n = _all_sum(
+            [
+                float(rewards.sum()),
+                float((rewards**2).sum()),
+                float((r.std(1) == 0).sum()),
+                kl_sum,
+                ent_sum,
+                clip_sum,
+                loss_sum,
+                float(mask.sum()),
+                float(local_seqs),
+            ]
+        )
+        mean_r = tot_r / n
+        gen_s, upd_s = _all_max(t_gen), _all_max(t_upd)
+        last = {
+            "step": step,
+            "reward_mean": mean_r,
+            "reward_std": math.sqrt(max(tot_r2 / n - mean_r**2, 0.0)),
+            "groups_without_signal": no_signal / (n / g.group_size),
+            "kl": kl / tokens,
+            "entropy": ent / tokens,
+            "clip_fraction": clipf / tokens,
+            "loss": loss_tot / n,
+            "grad_norm": grad_norm,
+            "completion_tokens": tokens / n,
+            "generation_s": gen_s,
+            "update_s": upd_s,
+            "step_s": time.time() - t0,
+            "rollout_tokens_per_s": tokens / max(gen_s, 1e-9),
+        }
+        out_of_time = bool(g.max_minutes) and (time.time() - t_start) / 60 >= g.max_minutes
+        out_of_time = _all_max(float(out_of_time)) > 0  # every rank stops at the same step
+        final = step == max_steps or out_of_time
+        if final or (g.eval_every and step % g.eval_every == 0):
+            last.update(heldout())
+        history.append(last)
+        if rank == 0:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}
+            print(f"[grpo] {task_name} step {step}/{max_steps} {shown}", flush=True)
+        if final or (g.checkpoint_every and step % g.checkpoint_every == 0):
+            checkpoint(step, last, final)
+        else:
+            session.report(last)
+        if final:
+            break
+    else:
+        # Resumed after the final checkpoint had been written: publish the model again.
+        checkpoint(step, last, True)
+    return last
+
+
+def _local_model_dir(path: str) -> str:
+    """A model dir this worker can read: local paths as they are, URIs downloaded to a temp dir."""
+    from selfcorrect import io
+
+    if not io.is_uri(path):
+        return path
+    import pyarrow.fs as pafs
+
+    dst = tempfile.mkdtemp(prefix="grpo-init-")
+    fs, p = pafs.FileSystem.from_uri(path)
+    pafs.copy_files(p, dst, source_filesystem=fs)
+    return dst
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, ...)``)."""
+    from selfcorrect.training import RaySession
+
+    run_grpo(config, RaySession())
+
+
+def grpo_local(
+    cfg: Config,
+    task_name: str,
+    train_prompts: list[str],
+    init_model_path: str,
+    *,
+    eval_prompts: list[str] | None = None,
+    max_steps: int | None = None,
+    checkpoint_root: str | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Run the GRPO loop in this process (one worker, no Ray): benchmarks and notebooks.
+
+    Returns (last metrics, LocalSession); the final model is in ``<session.latest>/model``.
+    """
+    from selfcorrect.training import LocalSession
+
+    session = LocalSession(checkpoint_root)
+    config = {
+        "cfg": cfg.to_dict(),
+        "task": task_name,
+        "train_prompts": list(train_prompts),
+        "eval_prompts": list(eval_prompts or []),
+        "init_model_path": init_model_path,
+        "max_steps": max_steps,
+    }
+    return run_grpo(config, session), session

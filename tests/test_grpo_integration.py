@@ -15,6 +15,7 @@ from rayjobs.common import JobContext, read_manifest
 from selfcorrect import io
 from selfcorrect.config import ConfigError, load_config
 from selfcorrect.data import load_problems
+from selfcorrect.grpo import check_batch_shape
 from selfcorrect.loss import LossWeights, collate, encode_example
 from selfcorrect.models import build_model, load_model, save_model
 from selfcorrect.tasks import get_task
@@ -120,4 +121,4 @@ def test_grpo_batch_that_does_not_split_is_a_clear_error():
         ["grpo.num_workers=3", "grpo.prompts_per_step=4"],
     )
     with pytest.raises(ConfigError, match="multiple of 3"):
-        grpo_job.check_batch_shape(cfg)
+        check_batch_shape(cfg)
