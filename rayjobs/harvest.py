@@ -101,7 +101,8 @@ def harvest(
         batch_size=bs,
         batch_format="numpy",
         fn_kwargs={"task": task, "model_name": model_name, "split": split},
-        num_cpus=1,
+        # Verifying is light; with zero CPUs it never waits behind a pool that holds every core.
+        num_cpus=0,
     )
     errors, outcomes = split_results(ds.take_all())
     check_complete(outcomes, requests)

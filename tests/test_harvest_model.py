@@ -15,8 +15,8 @@ from selfcorrect.tasks import get_task, split_lines
 from selfcorrect.traces import clean_example
 
 
-def train_nano(task_name: str, task_opts: dict, steps: int = 60, seed: int = 0):
-    """(model, tokenizer) after ``steps`` AdamW steps of 32 clean traces each."""
+def train_nano(task_name: str, task_opts: dict, steps: int = 60, seed: int = 0, batch: int = 32):
+    """(model, tokenizer) after ``steps`` AdamW steps of ``batch`` clean traces each."""
     task = get_task(task_name, **task_opts)
     model, tok = build_model("nano", max_length=160, seed=seed)
     rng = np.random.default_rng(seed)
@@ -26,13 +26,11 @@ def train_nano(task_name: str, task_opts: dict, steps: int = 60, seed: int = 0):
         for _ in range(steps):
             exs = [
                 encode_example(tok, clean_example(task, task.sample_problem(rng)), LossWeights())
-                for _ in range(32)
+                for _ in range(batch)
             ]
-            batch = collate(exs, tok.pad_token_id)
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            loss, _ = weighted_lm_loss(logits, batch, batch["loss_weight"][:, 1:].sum())
+            enc = collate(exs, tok.pad_token_id)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            loss, _ = weighted_lm_loss(logits, enc, enc["loss_weight"][:, 1:].sum())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -40,8 +38,8 @@ def train_nano(task_name: str, task_opts: dict, steps: int = 60, seed: int = 0):
     return model, tok
 
 
-def save_nano(path: str, task_name: str, task_opts: dict, steps: int = 60) -> str:
-    model, tok = train_nano(task_name, task_opts, steps)
+def save_nano(path: str, task_name: str, task_opts: dict, steps: int = 60, batch: int = 32) -> str:
+    model, tok = train_nano(task_name, task_opts, steps, batch=batch)
     save_model(model, tok, path)
     return path
 

@@ -1,0 +1,158 @@
+"""The generation engine: batching must not change results, sampling must follow the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_harvest_model import train_nano
+
+from selfcorrect.generation import GenerationActor, _decode, answer_line_done, generate
+from selfcorrect.models import build_model, save_model
+from selfcorrect.tasks import INSEC_CLOSE, INSEC_OPEN, get_task
+
+MUL = {"digits_a": 2, "digits_b": 2}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    return train_nano("multiplication", MUL, steps=80)
+
+
+@pytest.fixture(scope="module")
+def prefixes():
+    task = get_task("multiplication", **MUL)
+    rng = np.random.default_rng(3)
+    return [task.prompt(task.sample_problem(rng)) + "\n" for _ in range(12)]
+
+
+def test_greedy_batched_equals_one_at_a_time(trained, prefixes):
+    model, tok = trained
+    # Uneven prefix lengths (left padding) and a batch size that splits them unevenly.
+    mixed = prefixes[:6] + [p + "1" for p in prefixes[6:9]] + ["7*8\n"]
+    batched = generate(model, tok, mixed, max_new_tokens=60, batch_size=4)
+    single = [generate(model, tok, [p], max_new_tokens=60)[0] for p in mixed]
+    assert batched == single
+
+
+def test_greedy_agrees_with_hf_generate(trained, prefixes):
+    """Our KV-cached loop is the model's greedy decoding, cut at the end of the ANSWER line."""
+    model, tok = trained
+    ours = generate(model, tok, prefixes[:6], max_new_tokens=60)
+    for p, text in zip(prefixes[:6], ours, strict=True):
+        enc = tok([p], return_tensors="pt", add_special_tokens=False)
+        out = model.generate(
+            **enc, max_new_tokens=60, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        ref = _decode(tok, out[0, enc["input_ids"].shape[1] :].tolist())
+        assert ref.startswith(text)
+        end = answer_line_done(text)
+        assert end is None or end == len(text)  # stopped right after the ANSWER line
+        if end is None:
+            assert text == ref  # no ANSWER line: ran to EOS / max_new_tokens like HF
+
+
+def test_stops_after_answer_line(trained, prefixes):
+    model, tok = trained
+    texts = generate(model, tok, prefixes, max_new_tokens=120)
+    answered = [t for t in texts if "ANSWER " in t]
+    assert answered, texts  # the trained model writes answers
+    for t in answered:
+        assert t.endswith("\n") and t.rstrip("\n").split("\n")[-1].startswith("ANSWER ")
+
+
+def test_sampling_reproducible_per_row_whatever_the_batching(trained, prefixes):
+    model, tok = trained
+    seeds = list(range(100, 112))
+    a = generate(model, tok, prefixes, max_new_tokens=40, temperature=1.0, seeds=seeds)
+    b = generate(
+        model,
+        tok,
+        prefixes[::-1],
+        max_new_tokens=40,
+        temperature=1.0,
+        seeds=seeds[::-1],
+        batch_size=5,
+    )[::-1]
+    c = [
+        generate(model, tok, [p], max_new_tokens=40, temperature=1.0, seeds=[s])[0]
+        for p, s in zip(prefixes[:3], seeds[:3], strict=True)
+    ]
+    assert a == b
+    assert a[:3] == c
+    other = generate(model, tok, prefixes, max_new_tokens=40, temperature=1.0, seeds=range(12))
+    assert other != a  # the seed matters
+
+
+def test_sampling_follows_the_softmax(trained):
+    """First-token frequencies over many seeds match softmax(logits / T)."""
+    model, tok = trained
+    prefix = "12*3"
+    n, temp = 4000, 1.5
+    texts = generate(
+        model,
+        tok,
+        [prefix] * n,
+        max_new_tokens=1,
+        temperature=temp,
+        seeds=range(n),
+        batch_size=1000,
+    )
+    with torch.no_grad():
+        ids = tok([prefix], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        probs = torch.softmax(model(input_ids=ids).logits[0, -1] / temp, -1)
+    counts: dict[str, int] = {}
+    for t in texts:
+        counts[t] = counts.get(t, 0) + 1
+    top = torch.topk(probs, 5)
+    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        piece = _decode(tok, [i])
+        freq = counts.get(piece, 0) / n
+        sd = (p * (1 - p) / n) ** 0.5
+        assert abs(freq - p) < 5 * sd + 1e-3, (piece, freq, p)
+
+
+def test_decode_keeps_insec_markers_and_drops_padding():
+    _, tok = build_model("nano")
+    ids = tok(f"12{INSEC_OPEN}3=4{INSEC_CLOSE}\n", add_special_tokens=False)["input_ids"]
+    text = _decode(tok, [tok.pad_token_id, tok.bos_token_id, *ids, tok.eos_token_id])
+    assert text == f"12{INSEC_OPEN}3=4{INSEC_CLOSE}\n"
+
+
+def test_answer_line_done():
+    assert answer_line_done("1*2=2\nANSWER 2\nmore") == len("1*2=2\nANSWER 2\n")
+    assert answer_line_done("1*2=2\nANSWER 2") is None  # line not finished yet
+    assert answer_line_done("xANSWER 2\n") is None  # not at a line start
+    assert answer_line_done("ANSWERS\n") is None
+
+
+def test_bad_arguments_are_clear(trained):
+    model, tok = trained
+    with pytest.raises(ValueError, match="seeds"):
+        generate(model, tok, ["1*2\n"], max_new_tokens=4, seeds=[1, 2])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tok, ["1*2\n"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, tok, [""], max_new_tokens=4)
+    assert generate(model, tok, [], max_new_tokens=4) == []
+
+
+def test_generation_actor_adds_completion_column(trained, prefixes, tmp_path):
+    """The Ray Data callable, called directly: same texts as ``generate``, per-row temperature."""
+    model, tok = trained
+    save_model(model, tok, str(tmp_path))
+    actor = GenerationActor(str(tmp_path), max_new_tokens=30, batch_size=4, torch_threads=1)
+    batch = {
+        "prefix": np.array(prefixes[:4], dtype=object),
+        "seed": np.array([1, 2, 3, 4]),
+        "temperature": np.array([0.0, 1.0, 0.0, 1.0]),
+        "problem_id": np.array(["a", "b", "c", "d"], dtype=object),
+    }
+    out = actor(batch)
+    assert list(out["problem_id"]) == ["a", "b", "c", "d"]
+    greedy = generate(model, tok, [prefixes[0], prefixes[2]], max_new_tokens=30)
+    hot = generate(
+        model, tok, [prefixes[1], prefixes[3]], max_new_tokens=30, temperature=1.0, seeds=[2, 4]
+    )
+    assert list(out["completion"]) == [greedy[0], hot[0], greedy[1], hot[1]]
