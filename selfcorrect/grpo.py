@@ -461,12 +461,13 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
                     engine.backward(loss / n_micro)
                 if not last_micro:
                     engine.micro_step()
-                if it == 0:
-                    n_m = float(mask[s].sum())
+                n_m = float(mask[s].sum())
+                if it == 0:  # the rollout policy's KL, entropy and loss
                     kl_sum += st["kl"] * n_m
                     ent_sum += float((ent * mask[s]).sum())
-                    clip_sum += st["clip_fraction"] * n_m
                     loss_sum += float(loss.detach()) * (s.stop - s.start)
+                if it == g.updates_per_batch - 1:  # clipping only happens on later updates
+                    clip_sum += st["clip_fraction"] * n_m
             grad_norm = engine.step()
         t_upd = time.time() - t1
 
