@@ -196,7 +196,7 @@ def _generate_batch(
     tails = [p[p.rfind("\n") + 1 :] for p in prefixes]
 
     generated: list[list[int]] = [[] for _ in range(B)]
-    cut: list[int | None] = [None] * B  # char end of the ANSWER line in the decoded text
+    line_start = [0] * B  # token index where each row's unfinished line begins
     active = torch.arange(B, device=device)  # original row of each live batch slot
     cache = DynamicCache()
     step_ids, step_pos, attn = input_ids, positions, mask
@@ -230,11 +230,11 @@ def _generate_batch(
                 continue
             generated[row].append(tok)
             if check[slot]:
-                text = tails[row] + _decode(tokenizer, generated[row])
-                end = answer_line_done(text)
-                if end is not None:
-                    cut[row] = end - len(tails[row])
+                # Only the line(s) this newline completed: earlier lines were checked already.
+                head = tails[row] if line_start[row] == 0 else ""
+                if answer_line_done(head + _decode(tokenizer, generated[row][line_start[row] :])):
                     fin[slot] = True
+                line_start[row] = len(generated[row])
         keep = [s for s, f in enumerate(fin) if not f]
         if not keep:
             break
@@ -250,7 +250,8 @@ def _generate_batch(
     texts = []
     for row in range(B):
         text = _decode(tokenizer, generated[row])
-        texts.append(text if cut[row] is None else text[: cut[row]])
+        end = answer_line_done(tails[row] + text)  # cut what a multi-char token put after it
+        texts.append(text if end is None else text[: end - len(tails[row])])
     return texts
 
 
