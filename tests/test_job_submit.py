@@ -26,6 +26,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from rayjobs import pipeline
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(BIN, "ray")
@@ -33,7 +35,7 @@ RAY = os.path.join(BIN, "ray")
 # The smoke pipeline as a job; one task keeps it inside the integration-tier budget (the
 # pipeline over both tasks runs in test_pipeline_smoke.py).
 PIPELINE = ["python", "-m", "rayjobs.pipeline", "--config", "configs/smoke.yaml"]
-OVERRIDES = ["tasks=[sudoku]", "--stages", "data,report"]
+OVERRIDES = ["tasks=[sudoku]"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -180,6 +182,11 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     assert manifest["stages"], manifest
     failed = {k: v["status"] for k, v in manifest["stages"].items() if v["status"] != "done"}
     assert not failed, failed
-    assert "sudoku/data" in manifest["stages"] and "report" in manifest["stages"]
-    assert os.path.exists(os.path.join(out, "report.md"))
-    assert os.path.exists(os.path.join(out, "sudoku", "data", "train.parquet"))
+    for key in ("sudoku/data", "sudoku/ft", "sudoku/harvest/ft-train", "sudoku/coverage/ft"):
+        assert key in manifest["stages"], key
+    for key in ("sudoku/eift", "sudoku/hybrid", "sudoku/insec", "sudoku/grpo", "report"):
+        assert key in manifest["stages"], key
+    assert list(manifest["pipeline"]["steps"]) == pipeline.STEP_NAMES
+    for rel in ("report.md", "eval_summary.parquet", "sudoku/eval/hybrid.parquet"):
+        assert os.path.exists(os.path.join(out, rel)), rel
+    assert not os.path.exists(os.path.join(out, "multiplication"))
