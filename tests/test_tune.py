@@ -305,3 +305,12 @@ def test_plot_lines_per_other_swept_parameter():
     assert len(ax.lines) == 2  # one per max_errors value
     assert ax.get_xlabel() == "injection rate"
     assert plot_metric(df, "synthetic_accuracy", "sudoku") is None  # nothing to plot
+
+
+def test_segments_are_asha_rungs_ending_at_max_steps():
+    from selfcorrect.tune import segment_ends
+
+    assert segment_ends(cfg_with("tune.max_steps=100")) == [100]  # no ASHA: one report
+    assert segment_ends(cfg_with("tune.max_steps=100", "tune.asha=true")) == [25, 50, 75, 100]
+    assert segment_ends(cfg_with("tune.max_steps=10", "tune.report_every=4")) == [4, 8, 10]
+    assert segment_ends(cfg_with("tune.max_steps=2", "tune.asha=true")) == [1, 2]

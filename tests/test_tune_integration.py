@@ -94,7 +94,7 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
-def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, tmp_path):
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, tmp_path, capsys):
     extra = ["tune.max_concurrent=1"]  # one trial at a time: the kill lands mid-second-trial
     ctx = with_data(tmp_path, *extra)
     cfg = ctx.cfg
@@ -130,7 +130,9 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, 
     ids_before = {p.name.removeprefix("trial-") for p in exp.glob("trial-*")}
     assert ids_before
 
+    capsys.readouterr()
     tune_job.run(ctx)  # the restart, in this process
+    assert "resuming the interrupted sweep" in capsys.readouterr().out
 
     df = pd.read_parquet(Path(ctx.output_dir) / "multiplication" / "tune" / "results.parquet")
     assert sorted(df["injection_rate"]) == [0.1, 0.5]
