@@ -40,7 +40,10 @@ def hf_batched(model, tok, prefixes, max_new_tokens, batch_size):
     n = 0
     for i in range(0, len(prefixes), batch_size):
         enc = tok(
-            prefixes[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            prefixes[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
         )
         out = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id

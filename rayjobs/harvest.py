@@ -90,7 +90,10 @@ def harvest(
     ds = ray.data.from_arrow(blocks)
     ds = map_generate(
         ds,
-        model_path,
+        # Actors may run elsewhere (another cwd or node): give them an absolute local path.
+        model_path
+        if io.is_uri(model_path) or not os.path.exists(model_path)
+        else os.path.abspath(model_path),
         max_new_tokens=hc.max_new_tokens,
         batch_size=bs,
         num_actors=hc.num_actors,
