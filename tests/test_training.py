@@ -78,7 +78,9 @@ def test_worker_shards_concatenate_to_the_single_worker_batch(mul_prompts, metho
         for k in a:
             assert np.array_equal(a[k], b[k])
     other = s.local_batch(8, 0, 1)
-    assert any(not np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(one, other, strict=True))
+    assert any(
+        not np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(one, other, strict=True)
+    )
 
 
 def test_eift_stream_injects_errors_at_the_configured_rate(mul_prompts):
@@ -186,7 +188,9 @@ def test_local_training_reduces_loss_and_writes_a_loadable_model(mul_prompts, tm
     from selfcorrect.models import load_model
 
     cfg = _cfg("train.checkpoint_every=0")
-    last, session = train_local(cfg, "multiplication", "eift", mul_prompts, max_steps=12)
+    last, session = train_local(
+        cfg, "multiplication", "eift", mul_prompts, max_steps=12, checkpoint_root=str(tmp_path)
+    )
     hist = session.reports
     assert [h["step"] for h in hist] == list(range(1, 13))
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.5
@@ -199,16 +203,26 @@ def test_local_training_reduces_loss_and_writes_a_loadable_model(mul_prompts, tm
     assert all(changed)
 
 
-def test_micro_batching_does_not_change_the_update(mul_prompts):
+def test_micro_batching_does_not_change_the_update(mul_prompts, tmp_path):
     """Global-batch normalisation: 1 x 16 and 4 x 4 micro-batches give the same step."""
     a = _final_state(
         train_local(
-            _cfg("train.micro_batch_size=16"), "multiplication", "eift", mul_prompts, max_steps=2
+            _cfg("train.micro_batch_size=16"),
+            "multiplication",
+            "eift",
+            mul_prompts,
+            max_steps=2,
+            checkpoint_root=str(tmp_path / "a"),
         )[1]
     )
     b = _final_state(
         train_local(
-            _cfg("train.micro_batch_size=4"), "multiplication", "eift", mul_prompts, max_steps=2
+            _cfg("train.micro_batch_size=4"),
+            "multiplication",
+            "eift",
+            mul_prompts,
+            max_steps=2,
+            checkpoint_root=str(tmp_path / "b"),
         )[1]
     )
     for k in a:
@@ -218,7 +232,9 @@ def test_micro_batching_does_not_change_the_update(mul_prompts):
 def test_resume_from_checkpoint_is_exact(mul_prompts, tmp_path):
     """6 steps straight == 3 steps, checkpoint, new process state, 3 more steps."""
     cfg = _cfg("train.checkpoint_every=3", "train.injection_rate=0.5")
-    _, straight = train_local(cfg, "multiplication", "eift", mul_prompts, max_steps=6)
+    _, straight = train_local(
+        cfg, "multiplication", "eift", mul_prompts, max_steps=6, checkpoint_root=str(tmp_path / "a")
+    )
     ckpts = sorted(p for p in os.listdir(straight.root) if p.startswith("checkpoint_"))
     assert len(ckpts) == 2
     resumed = LocalSession(str(tmp_path / "resumed"))
