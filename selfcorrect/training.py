@@ -415,6 +415,9 @@ def _maybe_crash(crash: dict[str, Any] | None, step: int, rank: int) -> None:
     if marker.exists():
         return
     marker.write_text(f"crashed at step {step}\n")
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers;
+    # give it time to do so (on a loaded machine) so the crash tests recovery, not that race.
+    time.sleep(float(crash.get("wait_s", 10.0)))
     os._exit(1)
 
 
