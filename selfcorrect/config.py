@@ -274,11 +274,11 @@ class TuneConfig:
     init: str = _f("scratch", "trial start point: scratch (random init) | ft (the FT model)")
     eval_problems: int = _f(
         0, "test problems per condition in a trial's eval (0 = eval.max_problems)"
+    )
+    val_examples: int = _f(64, "held-out test traces for a trial's validation loss")
     report_every: int = _f(
         0, "steps between a trial's validation-loss reports (ASHA rungs); 0 = auto"
     )
-    )
-    val_examples: int = _f(64, "held-out test traces for a trial's validation loss")
 
     def validate(self) -> None:
         _check(len(self.injection_rates) > 0, "tune.injection_rates", "name at least one rate")
@@ -296,9 +296,9 @@ class TuneConfig:
         _check(self.max_steps >= 1, "tune.max_steps", "must be >= 1")
         _check(self.max_concurrent >= 0, "tune.max_concurrent", "must be >= 0 (0 = automatic)")
         _check(self.init in ("scratch", "ft"), "tune.init", "choose scratch or ft")
-        _check(self.report_every >= 0, "tune.report_every", "must be >= 0 (0 = auto)")
         _check(self.eval_problems >= 0, "tune.eval_problems", "must be >= 0")
         _check(self.val_examples >= 1, "tune.val_examples", "must be >= 1")
+        _check(self.report_every >= 0, "tune.report_every", "must be >= 0 (0 = auto)")
 
 
 @dataclass
