@@ -19,6 +19,7 @@ Python API (pipeline, tune, notebooks): ``train_one`` trains one model and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -37,9 +38,9 @@ ONPOLICY_COLUMNS = ["prompt", "prefix_steps", "wrong_step", "error_type"]
 _NOT_IN_HASH = ("methods", "max_failures", "log_every", "checkpoint_every")
 
 
-def train_hash(cfg: Config, task: str, method: str) -> str:
+def train_hash(cfg: Config, task: str, method: str, onpolicy_digest: str | None = None) -> str:
     """What a model depends on: seed, data, model, training settings, the method (and for
-    hybrid the harvest settings that produced its on-policy errors)."""
+    hybrid the harvest settings and the content of the on-policy error table it reads)."""
     d = cfg.to_dict()
     parts = {
         "seed": d["seed"],
@@ -51,6 +52,7 @@ def train_hash(cfg: Config, task: str, method: str) -> str:
     }
     if method == "hybrid":
         parts["harvest"] = d["harvest"]
+        parts["onpolicy"] = onpolicy_digest
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -228,15 +230,55 @@ def tune_trainable(config: dict[str, Any]) -> None:
     )
 
 
+def _file_digest(path: str) -> str | None:
+    return hashlib.sha256(io.read_bytes(path)).hexdigest()[:16] if io.exists(path) else None
+
+
+def train_base(ctx: JobContext, name: str) -> str | None:
+    """The shared base model of ``name`` (clean traces, ``train.base_steps`` steps), trained once.
+
+    Every method fine-tunes from it for the same ``train.max_steps``, so methods differ only
+    in their fine-tuning data, as when they all start from one pretrained LM. Returns its
+    directory, or None when ``train.base_steps`` is 0.
+    """
+    cfg = ctx.cfg
+    if cfg.train.base_steps == 0:
+        return None
+    rel = f"{name}/models/base"
+    base_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, max_steps=cfg.train.base_steps, base_steps=0)
+    )
+
+    def build(rec: dict) -> None:
+        m = train_one(
+            base_cfg,
+            name,
+            "ft",
+            ctx.path(rel),
+            train_path=data_path(ctx.output_dir, name),
+            run_name=f"{name}-base-{train_hash(base_cfg, name, 'base')}",
+        )
+        rec["artifacts"].append(rel)
+        print(f"[train] {name}/base: {ctx.path(rel)} (loss {m.get('loss', 0):.4f})")
+
+    run_stage(ctx, f"{name}/base", train_hash(base_cfg, name, "base"), build)
+    return ctx.path(rel)
+
+
 def run(ctx: JobContext) -> None:
     """Train every ``train.methods`` model for every task (finished ones are skipped)."""
     cfg = ctx.cfg
     check_shape(cfg)
     init_ray(cfg)
     for name in cfg.tasks:
+        base = train_base(ctx, name)
         for method in cfg.train.methods:
+            pol = onpolicy_path(ctx.output_dir, name)
+            digest = _file_digest(pol) if method == "hybrid" else None
 
-            def build(rec: dict, name: str = name, method: str = method) -> None:
+            def build(
+                rec: dict, name: str = name, method: str = method, pol: str = pol, base=base
+            ) -> None:
                 rel = f"{name}/models/{method}"
                 m = train_one(
                     cfg,
@@ -244,13 +286,14 @@ def run(ctx: JobContext) -> None:
                     method,
                     ctx.path(rel),
                     train_path=data_path(ctx.output_dir, name),
-                    onpolicy_path=onpolicy_path(ctx.output_dir, name),
+                    onpolicy_path=pol,
+                    init_model_path=base,
                 )
                 rec["artifacts"].append(rel)
                 rec["final"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
                 print(f"[train] {name}/{method}: {ctx.path(rel)} (loss {m.get('loss', 0):.4f})")
 
-            run_stage(ctx, f"{name}/{method}", train_hash(cfg, name, method), build)
+            run_stage(ctx, f"{name}/{method}", train_hash(cfg, name, method, digest), build)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,6 +96,12 @@ class ModelConfig:
 class TrainConfig:
     methods: list[str] = _f(["ft", "eift", "hybrid", "insec"], "supervised methods to train")
     max_steps: int = _f(2000, "optimizer steps per method")
+    base_steps: int = _f(
+        0,
+        "clean-trace steps of a shared base model per task that every method then fine-tunes "
+        "from for max_steps (the small-scale stand-in for a pretrained LM; 0 = methods start "
+        "from model.preset / model.path)",
+    )
     max_minutes: float = _f(0.0, "wall-clock budget per method in minutes (0 = none)")
     batch_size: int = _f(64, "global batch size (examples per optimizer step, all workers)")
     micro_batch_size: int = _f(64, "examples per forward pass per worker")
@@ -127,6 +133,7 @@ class TrainConfig:
                 f"unknown method {m!r}; choose from ft, eift, hybrid, insec",
             )
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.base_steps >= 0, "train.base_steps", "must be >= 0 (0 = no base stage)")
         _check(
             self.batch_size >= 1 and self.micro_batch_size >= 1, "train.batch_size", "must be >= 1"
         )
