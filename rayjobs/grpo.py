@@ -18,14 +18,10 @@ from the latest one. The final model is published atomically with
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
-from rayjobs.train import _ray_storage, _write_metrics
+from rayjobs.train import _ray_storage, publish_final
 from selfcorrect import io
 from selfcorrect.config import Config
 from selfcorrect.grpo import check_batch_shape, grpo_world_size
@@ -50,7 +46,6 @@ def train_grpo(
 
     from selfcorrect.grpo import train_loop_per_worker
     from selfcorrect.models import ModelPathError
-    from selfcorrect.training import MODEL_DIR, STATE_FILE
 
     check_batch_shape(cfg)
     if not io.exists(io.join(init_model_path, "config.json")):
@@ -85,25 +80,7 @@ def train_grpo(
         ),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"GRPO for {task_name} finished without a final checkpoint")
-    local_out = not io.is_uri(output_dir)
-    with result.checkpoint.as_directory() as d:
-        state = json.loads(Path(d, STATE_FILE).read_text())
-        stage = io.staging_dir(output_dir) if local_out else tempfile.mkdtemp(prefix="grpo-")
-        shutil.rmtree(stage)
-        shutil.copytree(Path(d, MODEL_DIR), stage)
-    history = state["history"]
-    _write_metrics(stage, history)
-    Path(stage, "grpo_state.json").write_text(
-        json.dumps({"steps": state["step"], "resumed_at": state.get("resumes", [])}, indent=2)
-    )
-    if local_out:
-        io.replace_dir(stage, output_dir)
-        shutil.rmtree(_ray_storage(output_dir), ignore_errors=True)  # superseded by the model
-    else:
-        io.upload_dir(stage, output_dir)
-        shutil.rmtree(stage, ignore_errors=True)
+    history = publish_final(result, output_dir, "grpo_state.json", f"GRPO for {task_name}")
     return history[-1]
 
 

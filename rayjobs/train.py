@@ -131,7 +131,7 @@ def train_one(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selfcorrect.training import METHODS, MODEL_DIR, STATE_FILE, train_loop_per_worker
+    from selfcorrect.training import METHODS, train_loop_per_worker
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -171,17 +171,29 @@ def train_one(
         ),
     )
     result = trainer.fit()
+    history = publish_final(result, out_dir, "train_state.json", f"training {task_name}/{method}")
+    return history[-1] if history else {}
+
+
+def publish_final(result: Any, out_dir: str, state_name: str, what: str) -> list[dict[str, Any]]:
+    """Publish the model in a Ray Train result's final checkpoint to ``out_dir`` atomically,
+    with metrics.json/parquet and ``state_name`` (steps, resumes); returns the metric history.
+
+    Shared by training and GRPO: both checkpoint ``MODEL_DIR`` + ``STATE_FILE``.
+    """
+    from selfcorrect.training import MODEL_DIR, STATE_FILE
+
     if result.checkpoint is None:
-        raise RuntimeError(f"training {task_name}/{method} finished without a final checkpoint")
+        raise RuntimeError(f"{what} finished without a final checkpoint")
     local_out = not io.is_uri(out_dir)
     with result.checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_FILE).read_text())
-        stage = io.staging_dir(out_dir) if local_out else tempfile.mkdtemp(prefix="train-")
+        stage = io.staging_dir(out_dir) if local_out else tempfile.mkdtemp(prefix="publish-")
         shutil.rmtree(stage)
         shutil.copytree(Path(d, MODEL_DIR), stage)
     history = state["history"]
     _write_metrics(stage, history)
-    Path(stage, "train_state.json").write_text(
+    Path(stage, state_name).write_text(
         json.dumps({"steps": state["step"], "resumed_at": state.get("resumes", [])}, indent=2)
     )
     if local_out:
@@ -190,7 +202,7 @@ def train_one(
     else:
         io.upload_dir(stage, out_dir)
         shutil.rmtree(stage, ignore_errors=True)
-    return history[-1] if history else {}
+    return history
 
 
 def _write_metrics(d: str, history: list[dict[str, Any]]) -> None:

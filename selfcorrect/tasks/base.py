@@ -117,7 +117,7 @@ def sample_errors(
     types = list(w)
     counts = rng.multinomial(n, [w[t] for t in types])
     start = 0
-    for t, c in zip(types, counts):
+    for t, c in zip(types, counts, strict=True):
         if c:
             codes[start : start + c] = task.sample_codes_of_type(state, t, int(c), rng)
             tidx[start : start + c] = task.error_types.index(t)
