@@ -32,7 +32,10 @@ from selfcorrect.training import TORCH_STATE, build_training_model, train_local 
 def accuracy(model, tok, task, prompts: list[str], max_new_tokens: int) -> tuple[float, int]:
     """Greedy final-answer accuracy and the number of wrong final answers."""
     texts = generate(model, tok, [p + "\n" for p in prompts], max_new_tokens=max_new_tokens)
-    ok = [final_answer_correct(task, task.parse_prompt(p), t) for p, t in zip(prompts, texts, strict=True)]
+    ok = [
+        final_answer_correct(task, task.parse_prompt(p), t)
+        for p, t in zip(prompts, texts, strict=True)
+    ]
     return sum(ok) / len(ok), len(ok) - sum(ok)
 
 
