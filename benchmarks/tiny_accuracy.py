@@ -60,7 +60,7 @@ def main() -> None:
     model, tok = build_training_model(cfg)
     for d in sorted(Path(session.root).glob("checkpoint_*")):
         state = json.loads((d / "trainer_state.json").read_text())
-        sd = torch.load(d / TORCH_STATE, weights_only=False)["model"]
+        sd = torch.load(d / TORCH_STATE, weights_only=True)["model"]
         model.load_state_dict(sd)
         acc, wrong = accuracy(model, tok, task, test, cfg.eval.max_new_tokens)
         curve.append({"step": state["step"], "accuracy": acc, "wrong": wrong})

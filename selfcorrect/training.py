@@ -363,7 +363,7 @@ class Engine:
         if self.ds is not None:
             self.ds.load_checkpoint(d, tag=DS_TAG)
         else:
-            st = torch.load(os.path.join(d, TORCH_STATE), map_location="cpu", weights_only=False)
+            st = torch.load(os.path.join(d, TORCH_STATE), map_location="cpu", weights_only=True)
             self.module.load_state_dict(st["model"])
             self.optimizer.load_state_dict(st["optimizer"])
             self.scheduler.load_state_dict(st["scheduler"])
@@ -464,7 +464,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         engine.load(ckpt_dir)
         rng_file = Path(ckpt_dir, f"rng_rank{rank}.pt")
         if rng_file.exists():
-            torch.set_rng_state(torch.load(rng_file, weights_only=False))
+            torch.set_rng_state(torch.load(rng_file, weights_only=True))
         if rank == 0:
             print(f"[train] {task_name}/{method}: resumed from checkpoint at step {start}")
 
