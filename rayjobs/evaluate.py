@@ -128,7 +128,7 @@ def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]
     """
     import ray
 
-    from selfcorrect.generation import GenerationActor, generation_ray_args
+    from selfcorrect.generation import map_generate
 
     if not rows:
         return []
@@ -138,18 +138,14 @@ def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]
         for i, r in enumerate(rows)
     ]
     n_blocks = max(1, min(math.ceil(len(feed) / ev.batch_size), 4 * ev.num_actors))
-    ds = ray.data.from_items(feed, override_num_blocks=n_blocks).map_batches(
-        GenerationActor,
-        fn_constructor_kwargs={
-            "model_path": os.path.abspath(model_path) if not io.is_uri(model_path) else model_path,
-            "max_new_tokens": ev.max_new_tokens,
-            "batch_size": ev.batch_size,
-            "use_gpu": ev.use_gpu,
-            "torch_threads": None if ev.use_gpu else ev.cpus_per_actor,
-        },
+    ds = map_generate(
+        ray.data.from_items(feed, override_num_blocks=n_blocks),
+        os.path.abspath(model_path) if not io.is_uri(model_path) else model_path,
+        max_new_tokens=ev.max_new_tokens,
         batch_size=ev.batch_size,
-        concurrency=ev.num_actors,
-        **generation_ray_args(ev.use_gpu, ev.cpus_per_actor),
+        num_actors=ev.num_actors,
+        use_gpu=ev.use_gpu,
+        cpus_per_actor=ev.cpus_per_actor,
     )
     out: list[str | None] = [None] * len(rows)
     for rec in ds.select_columns(["key", "completion"]).iter_rows():

@@ -292,6 +292,7 @@ def map_generate(
     num_actors: int = 1,
     use_gpu: bool | None = None,
     actor_cls: type | None = None,
+    cpus_per_actor: float = 1.0,
 ) -> Any:
     """``ds`` (columns ``prefix``, ``seed``, ``temperature``) -> ``ds`` plus ``completion``.
 
@@ -312,9 +313,9 @@ def map_generate(
             "max_new_tokens": max_new_tokens,
             "batch_size": batch_size,
             "use_gpu": use_gpu,
-            "torch_threads": None if use_gpu else 1,
+            "torch_threads": None if use_gpu else max(1, int(cpus_per_actor)),
         },
-        **generation_ray_args(use_gpu),
+        **generation_ray_args(use_gpu, cpus_per_actor),
     )
 
 
