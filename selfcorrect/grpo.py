@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -296,14 +295,13 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     from selfcorrect.models import load_model
     from selfcorrect.tasks import get_task
     from selfcorrect.training import (
-        MODEL_DIR,
         STATE_FILE,
         Engine,
         _all_max,
         _all_sum,
         _autocast,
         build_training_model,
-        save_final_model,
+        report_checkpoint,
     )
 
     cfg = config_from_dict(config["cfg"])
@@ -376,21 +374,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
         }
 
     def checkpoint(step: int, metrics: dict[str, Any], final: bool) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            engine.save(d, rank)
-            if final:
-                with engine.gathered():
-                    if rank == 0:
-                        save_final_model(
-                            engine.module, tok, os.path.join(d, MODEL_DIR), cfg.model.lora
-                        )
-            if rank == 0:
-                Path(d, STATE_FILE).write_text(
-                    json.dumps(
-                        {"step": step, "history": history, "final": final, "resumes": resumes}
-                    )
-                )
-            session.report(metrics, d)
+        report_checkpoint(engine, tok, cfg, session, rank, step, metrics, history, final, resumes)
 
     if start == 0 and not history:
         first = {"step": 0, **heldout()}

@@ -472,22 +472,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
     ckpt_every = t.checkpoint_every
 
     def checkpoint(step: int, metrics: dict[str, Any], final: bool) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            engine.save(d, rank)
-            torch.save(torch.get_rng_state(), os.path.join(d, f"rng_rank{rank}.pt"))
-            if final:
-                with engine.gathered():
-                    if rank == 0:
-                        save_final_model(
-                            engine.module, tok, os.path.join(d, MODEL_DIR), cfg.model.lora
-                        )
-            if rank == 0:
-                Path(d, STATE_FILE).write_text(
-                    json.dumps(
-                        {"step": step, "history": history, "final": final, "resumes": resumes}
-                    )
-                )
-            session.report(metrics, d)
+        report_checkpoint(engine, tok, cfg, session, rank, step, metrics, history, final, resumes)
 
     kinds = [k for k in Span]
     acc = _Accumulator(kinds)
@@ -587,6 +572,35 @@ class _Accumulator:
             if cnt[i] > 0:
                 out[f"loss_{kind.name.lower()}"] = nll[i] / cnt[i]
         return out
+
+
+def report_checkpoint(
+    engine: Any,
+    tok: Any,
+    cfg: Config,
+    session: Any,
+    rank: int,
+    step: int,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    final: bool,
+    resumes: list[int],
+) -> None:
+    """Write one checkpoint (engine state, RNG, trainer state; the HF model when ``final``)
+    and report it with ``metrics``. Shared by supervised training and GRPO so both resume
+    and publish (``rayjobs.train.publish_final``) the same way."""
+    with tempfile.TemporaryDirectory() as d:
+        engine.save(d, rank)
+        torch.save(torch.get_rng_state(), os.path.join(d, f"rng_rank{rank}.pt"))
+        if final:
+            with engine.gathered():
+                if rank == 0:
+                    save_final_model(engine.module, tok, os.path.join(d, MODEL_DIR), cfg.model.lora)
+        if rank == 0:
+            Path(d, STATE_FILE).write_text(
+                json.dumps({"step": step, "history": history, "final": final, "resumes": resumes})
+            )
+        session.report(metrics, d)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
