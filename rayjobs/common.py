@@ -47,6 +47,9 @@ def parse_args(description: str, argv: list[str] | None = None) -> JobContext:
     except ConfigError as e:
         ap.exit(2, f"config error: {e}\n")
     out = args.output_dir or os.path.join("runs", cfg.name)
+    # Ray workers run in their own working directory: local paths must be absolute.
+    if not io.is_uri(out):
+        out = os.path.abspath(out)
     return JobContext(cfg, out, args.overwrite)
 
 

@@ -136,6 +136,8 @@ def train_one(
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     check_shape(cfg)
+    if init_model_path is not None and not io.is_uri(init_model_path):
+        init_model_path = str(Path(init_model_path).absolute())  # workers have another cwd
     prompts = io.read_parquet(train_path, required=["prompt"]).column("prompt").to_pylist()
     onpolicy = None
     if method == "hybrid":

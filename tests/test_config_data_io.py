@@ -115,3 +115,15 @@ def test_data_job_skips_when_done_and_refuses_other_experiment(tmp_path, capsys)
     with pytest.raises(ConfigError, match="different experiment"):
         data.main(args + ["seed=5"])
     data.main(args + ["seed=5", "--overwrite"])
+
+
+def test_relative_output_dir_becomes_absolute(tmp_path, monkeypatch):
+    """Ray workers run in another working directory, so jobs must hand them absolute paths."""
+    from rayjobs.common import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    ctx = parse_args(
+        "x", ["--config", os.path.join(REPO, "configs/smoke.yaml"), "--output-dir", "runs/a"]
+    )
+    assert ctx.output_dir == str(tmp_path / "runs" / "a")
+    assert parse_args("x", ["--output-dir", "s3://bucket/run"]).output_dir == "s3://bucket/run"
