@@ -128,10 +128,7 @@ def train_one(
     hook ``{"rank", "step", "marker"}``. Ray must be initialised. Returns the last metrics
     (the full history is in ``out_dir/metrics.json`` and ``metrics.parquet``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from selfcorrect.training import METHODS, train_loop_per_worker
+    from selfcorrect.training import METHODS
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -144,14 +141,10 @@ def train_one(
         if onpolicy_path is None:
             raise ValueError("hybrid needs onpolicy_path (the harvest of the FT model on train)")
         onpolicy = load_onpolicy(onpolicy_path)
-    t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = 1
     name = run_name or f"{task_name}-{method}-{train_hash(cfg, task_name, method)}"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = make_trainer(
+        cfg,
+        {
             "cfg": cfg.to_dict(),
             "task": task_name,
             "method": method,
@@ -161,20 +154,47 @@ def train_one(
             "max_steps": max_steps,
             "crash": crash,
         },
+        name=name,
+        storage_path=_ray_storage(out_dir),
+        callbacks=callbacks,
+    )
+    result = trainer.fit()
+    history = publish_final(result, out_dir, "train_state.json", f"training {task_name}/{method}")
+    return history[-1] if history else {}
+
+
+def make_trainer(
+    cfg: Config,
+    loop_config: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str,
+    keep: int = 2,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The ``TorchTrainer`` for one run of ``train_loop_per_worker`` with this config's workers,
+    resources and fault tolerance; shared by the training job and tune trials."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from selfcorrect.training import train_loop_per_worker
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=_ray_storage(out_dir),
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
             callbacks=callbacks or [],
         ),
     )
-    result = trainer.fit()
-    history = publish_final(result, out_dir, "train_state.json", f"training {task_name}/{method}")
-    return history[-1] if history else {}
 
 
 def publish_final(result: Any, out_dir: str, state_name: str, what: str) -> list[dict[str, Any]]:

@@ -102,13 +102,10 @@ def train_trial_model(
     ``tune/ray/train``: a restarted trial, or the next segment of this one, resumes
     the same run from its last checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from selfcorrect.training import MODEL_DIR, train_loop_per_worker
+    from rayjobs.train import make_trainer
+    from selfcorrect.training import MODEL_DIR
 
     tcfg = trial_config(cfg, params)
-    t = tcfg.train
     init = None
     if cfg.tune.init == "ft":
         init = io.join(output_dir, task, "models", "ft")
@@ -119,10 +116,9 @@ def train_trial_model(
             )
         init = init if io.is_uri(init) else os.path.abspath(init)
     train_tab = io.read_parquet(io.join(output_dir, task, "data", "train.parquet"), ["prompt"])
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = make_trainer(
+        tcfg,
+        {
             "cfg": tcfg.to_dict(),
             "task": task,
             "method": "eift",
@@ -131,15 +127,9 @@ def train_trial_model(
             "init_model_path": init,
             "max_steps": stop_at,
         },
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=f"{params.name}-{trial_hash(cfg, task, params)}",
-            storage_path=io.join(experiment_storage(output_dir, task), "train"),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
+        name=f"{params.name}-{trial_hash(cfg, task, params)}",
+        storage_path=io.join(experiment_storage(output_dir, task), "train"),
+        keep=1,
     )
     result = trainer.fit()
     if result.checkpoint is None:

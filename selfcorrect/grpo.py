@@ -16,13 +16,11 @@ measures and nothing tuned to flatter it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -295,13 +293,13 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     from selfcorrect.models import load_model
     from selfcorrect.tasks import get_task
     from selfcorrect.training import (
-        STATE_FILE,
         Engine,
         _all_max,
         _all_sum,
         _autocast,
         build_training_model,
         report_checkpoint,
+        resume_from_checkpoint,
     )
 
     cfg = config_from_dict(config["cfg"])
@@ -337,17 +335,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     ref.requires_grad_(False)
     engine = Engine(_engine_cfg(cfg, micro), model, world, n_micro, use_ray)
 
-    history: list[dict[str, Any]] = []
-    resumes: list[int] = []
-    start = 0
-    ckpt_dir = session.get_checkpoint_dir()
-    if ckpt_dir:
-        state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
-        start, history = int(state["step"]), list(state["history"])
-        resumes = [*state.get("resumes", []), start]
-        engine.load(ckpt_dir)
-        if rank == 0:
-            print(f"[grpo] {task_name}: resumed from checkpoint at step {start}", flush=True)
+    start, history, resumes = resume_from_checkpoint(session, engine, rank, f"[grpo] {task_name}")
     max_steps = int(config.get("max_steps") or g.steps)
 
     def heldout() -> dict[str, float]:

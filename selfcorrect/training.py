@@ -453,20 +453,9 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
     engine = Engine(cfg, model, world, n_micro, use_ray)
     stream = ExampleStream(cfg, task_name, method, config["prompts"], tok, config.get("onpolicy"))
 
-    history: list[dict[str, Any]] = []
-    resumes: list[int] = []  # steps this run was restarted at (worker failures, reruns)
-    start = 0
-    ckpt_dir = session.get_checkpoint_dir()
-    if ckpt_dir:
-        state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
-        start, history = int(state["step"]), list(state["history"])
-        resumes = [*state.get("resumes", []), start]
-        engine.load(ckpt_dir)
-        rng_file = Path(ckpt_dir, f"rng_rank{rank}.pt")
-        if rng_file.exists():
-            torch.set_rng_state(torch.load(rng_file, weights_only=True))
-        if rank == 0:
-            print(f"[train] {task_name}/{method}: resumed from checkpoint at step {start}")
+    start, history, resumes = resume_from_checkpoint(
+        session, engine, rank, f"[train] {task_name}/{method}"
+    )
 
     max_steps = int(config.get("max_steps") or t.max_steps)
     ckpt_every = t.checkpoint_every
@@ -572,6 +561,29 @@ class _Accumulator:
             if cnt[i] > 0:
                 out[f"loss_{kind.name.lower()}"] = nll[i] / cnt[i]
         return out
+
+
+def resume_from_checkpoint(
+    session: Any, engine: Any, rank: int, label: str
+) -> tuple[int, list[dict[str, Any]], list[int]]:
+    """Restore engine state and this rank's RNG from the session's latest checkpoint, if any.
+
+    Returns (start step, metric history, steps the run was restarted at). The counterpart of
+    ``report_checkpoint``; shared by supervised training and GRPO.
+    """
+    ckpt_dir = session.get_checkpoint_dir()
+    if not ckpt_dir:
+        return 0, [], []
+    state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+    start, history = int(state["step"]), list(state["history"])
+    resumes = [*state.get("resumes", []), start]
+    engine.load(ckpt_dir)
+    rng_file = Path(ckpt_dir, f"rng_rank{rank}.pt")
+    if rng_file.exists():
+        torch.set_rng_state(torch.load(rng_file, weights_only=True))
+    if rank == 0:
+        print(f"{label}: resumed from checkpoint at step {start}", flush=True)
+    return start, history, resumes
 
 
 def report_checkpoint(
