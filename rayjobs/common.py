@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,6 +88,17 @@ def write_manifest(ctx: JobContext, manifest: dict[str, Any]) -> None:
     io.write_json(ctx.path(MANIFEST), manifest)
 
 
+_MANIFEST_LOCK = threading.Lock()  # the pipeline runs tasks in threads of one driver
+
+
+def update_manifest(ctx: JobContext, change: Callable[[dict[str, Any]], None]) -> None:
+    """Read, change and write the manifest as one step, so concurrent stages lose no record."""
+    with _MANIFEST_LOCK:
+        manifest = read_manifest(ctx)
+        change(manifest)
+        write_manifest(ctx, manifest)
+
+
 def stage_done(ctx: JobContext, key: str, config_hash: str) -> bool:
     st = read_manifest(ctx)["stages"].get(key)
     return bool(
@@ -103,28 +115,26 @@ def stage(ctx: JobContext, key: str, config_hash: str) -> Iterator[dict[str, Any
 
     The body fills ``rec['artifacts']`` with paths relative to the output dir.
     """
-    manifest = read_manifest(ctx)
     rec: dict[str, Any] = {
         "status": "running",
         "config_hash": config_hash,
         "artifacts": [],
         "started": time.time(),
     }
-    manifest["stages"][key] = rec
-    write_manifest(ctx, manifest)
+
+    def record(m: dict[str, Any]) -> None:
+        m["stages"][key] = rec
+
+    update_manifest(ctx, record)
     t0 = time.time()
     try:
         yield rec
     except BaseException:
         rec.update(status="failed", seconds=round(time.time() - t0, 2))
-        manifest = read_manifest(ctx)
-        manifest["stages"][key] = rec
-        write_manifest(ctx, manifest)
+        update_manifest(ctx, record)
         raise
     rec.update(status="done", seconds=round(time.time() - t0, 2), finished=time.time())
-    manifest = read_manifest(ctx)
-    manifest["stages"][key] = rec
-    write_manifest(ctx, manifest)
+    update_manifest(ctx, record)
 
 
 def run_stage(

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from rayjobs.common import (
     parse_args,
     read_manifest,
     save_resolved_config,
-    write_manifest,
+    update_manifest,
 )
 from selfcorrect import io
 from selfcorrect.config import Config
@@ -84,6 +85,10 @@ STEPS = (
     Step("report", "report", lambda c: c, needs_ray=False),
 )
 STEP_NAMES = [s.name for s in STEPS]
+# Steps in which one task's stages never read another task's outputs: with
+# ``ray.parallel_tasks`` each task runs them in its own driver thread. Tune (whose
+# concurrent trials already fill the cluster) and report (every task) come after.
+PER_TASK_STEPS = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval")
 
 
 def _names(arg: str | None, flag: str) -> list[str] | None:
@@ -122,30 +127,90 @@ def load_stage(step: Step) -> object:
 
 
 def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
-    """Run the steps in order; returns step -> wall seconds (0 for steps with nothing to do)."""
+    """Run the steps in order; returns step -> wall seconds (0 for steps with nothing to do).
+
+    With ``ray.parallel_tasks`` and several tasks, the per-task steps run as one chain per
+    task, the chains concurrently; a step's seconds are then its longest task's.
+    """
     steps = list(STEPS if steps is None else steps)
     modules = {s.name: load_stage(s) for s in steps}  # fail before any work on a missing module
     save_resolved_config(ctx)
     if any(s.needs_ray and s.narrow(ctx.cfg) is not None for s in steps):
         init_ray(ctx.cfg)
-    timings: dict[str, float] = {}
     t_start = time.time()
-    for i, step in enumerate(steps, 1):
-        cfg = step.narrow(ctx.cfg)
-        head = f"[pipeline {i}/{len(steps)}] {step.name}"
-        if cfg is None:
+    chained = [s for s in steps if s.name in PER_TASK_STEPS]
+    rest = [s for s in steps if s.name not in PER_TASK_STEPS]
+    tasks = ctx.cfg.tasks
+    if ctx.cfg.ray.parallel_tasks and len(tasks) > 1 and chained:
+        per_task = _in_threads(
+            [
+                lambda t=t: _run_steps(ctx, _only_task(ctx.cfg, t), chained, modules, t_start, t)
+                for t in tasks
+            ]
+        )
+        timings = {s.name: max(pt[s.name] for pt in per_task) for s in chained}
+    else:
+        timings = _run_steps(ctx, ctx.cfg, chained, modules, t_start)
+    timings.update(_run_steps(ctx, ctx.cfg, rest, modules, t_start))
+    timings = {s.name: timings[s.name] for s in steps}
+    total = round(time.time() - t_start, 2)
+
+    def record(manifest: dict) -> None:
+        manifest["pipeline"] = {"steps": timings, "total_seconds": total, "finished": time.time()}
+
+    update_manifest(ctx, record)
+    return timings
+
+
+def _in_threads(jobs: list[Callable[[], dict[str, float]]]) -> list[dict[str, float]]:
+    """Run the jobs in daemon threads (Ctrl-C in the driver stops the job, not waits for it);
+    re-raises the first failure once every job has ended."""
+    results: list[dict[str, float] | None] = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = jobs[i]()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        while th.is_alive():
+            th.join(timeout=0.5)  # short joins keep the main thread responsive to Ctrl-C
+    if errors:
+        raise errors[0]
+    return [r for r in results if r is not None]
+
+
+def _only_task(cfg: Config, task: str) -> Config:
+    return dataclasses.replace(cfg, tasks=[task])
+
+
+def _run_steps(
+    ctx: JobContext,
+    cfg: Config,
+    steps: list[Step],
+    modules: dict[str, object],
+    t_start: float,
+    label: str = "",
+) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    for step in steps:
+        narrowed = step.narrow(cfg)
+        i = STEP_NAMES.index(step.name) + 1
+        head = f"[pipeline {i}/{len(STEP_NAMES)}] {step.name}" + (f" ({label})" if label else "")
+        if narrowed is None:
             print(f"{head}: nothing to do for this config", flush=True)
             timings[step.name] = 0.0
             continue
         print(f"{head}: start ({time.time() - t_start:.0f}s elapsed)", flush=True)
         t0 = time.time()
-        modules[step.name].run(JobContext(cfg, ctx.output_dir, ctx.overwrite))
+        modules[step.name].run(JobContext(narrowed, ctx.output_dir, ctx.overwrite))
         timings[step.name] = round(time.time() - t0, 2)
         print(f"{head}: done in {timings[step.name]:.1f}s", flush=True)
-    total = round(time.time() - t_start, 2)
-    manifest = read_manifest(ctx)
-    manifest["pipeline"] = {"steps": timings, "total_seconds": total, "finished": time.time()}
-    write_manifest(ctx, manifest)
     return timings
 
 

@@ -279,8 +279,12 @@ def train_base(ctx: JobContext, name: str) -> str | None:
     if cfg.train.base_steps == 0:
         return None
     rel = f"{name}/models/base"
+    t = cfg.train
     base_cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, max_steps=cfg.train.base_steps, base_steps=0)
+        cfg,
+        train=dataclasses.replace(
+            t, max_steps=t.base_steps, base_steps=0, lr=t.base_lr or t.lr, base_lr=0.0
+        ),
     )
 
     def build(rec: dict) -> None:

@@ -102,6 +102,11 @@ class TrainConfig:
         "from for max_steps (the small-scale stand-in for a pretrained LM; 0 = methods start "
         "from model.preset / model.path)",
     )
+    base_lr: float = _f(
+        0.0,
+        "peak learning rate of the base stage (0 = train.lr); methods fine-tune at train.lr, "
+        "usually lower, as when fine-tuning a pretrained LM",
+    )
     max_minutes: float = _f(0.0, "wall-clock budget per method in minutes (0 = none)")
     batch_size: int = _f(64, "global batch size (examples per optimizer step, all workers)")
     micro_batch_size: int = _f(64, "examples per forward pass per worker")
@@ -112,7 +117,12 @@ class TrainConfig:
     use_gpu: bool = _f(False, "one GPU per worker (NCCL); False = CPU via gloo")
     cpus_per_worker: int = _f(2, "CPU cores per worker (sets torch threads)")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0 (plain DDP-style), 1, 2 or 3")
-    bf16: bool = _f(False, "bf16 autocast (CPU and GPU)")
+    bf16: bool | str = _f(
+        "auto",
+        "bf16 autocast with fp32 master weights: true | false | auto (auto = on where the "
+        "hardware has a bf16 path: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; each "
+        "worker decides for its own device)",
+    )
     checkpoint_every: int = _f(200, "steps between Ray Train checkpoints (0 = only at the end)")
     max_failures: int = _f(2, "worker failures to survive by restoring the last checkpoint")
     injection_rate: float = _f(0.2, "fraction of traces with injected errors (eift, hybrid)")
@@ -144,12 +154,14 @@ class TrainConfig:
             f"({self.micro_batch_size} * {self.num_workers})",
         )
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.base_lr >= 0, "train.base_lr", "must be >= 0 (0 = train.lr)")
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")
         _check(0 <= self.injection_rate <= 1, "train.injection_rate", "must be in [0, 1]")
         _check(0 <= self.onpolicy_fraction <= 1, "train.onpolicy_fraction", "must be in [0, 1]")
         _check(0 <= self.p_mistake <= 1, "train.p_mistake", "must be in [0, 1]")
         _check(self.max_errors >= 1, "train.max_errors", "must be >= 1")
+        _check(self.bf16 in (True, False, "auto"), "train.bf16", "choose true, false or auto")
         _check(
             self.mistake_loss in ("mask", "unlikelihood"),
             "train.mistake_loss",
@@ -312,6 +324,12 @@ class TuneConfig:
 class RayConfig:
     address: str | None = _f(None, "cluster address; None = embedded local Ray (or RAY_ADDRESS)")
     num_cpus: int | None = _f(None, "CPUs for the embedded local instance (None = all)")
+    parallel_tasks: bool = _f(
+        True,
+        "pipeline: run each task's stages (data to eval) in its own driver thread, so tasks "
+        "share the cluster's CPUs/GPUs instead of waiting for each other (tune and report "
+        "follow, once every task is done)",
+    )
 
     def validate(self) -> None:
         pass
@@ -394,7 +412,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for a in inner[:-1]:  # first type that takes the value, e.g. bool | str for "auto"
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")

@@ -290,7 +290,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     """
     from selfcorrect.data import stream_rng
     from selfcorrect.generation import generate
-    from selfcorrect.models import load_model
+    from selfcorrect.models import load_model, resolve_bf16
     from selfcorrect.tasks import get_task
     from selfcorrect.training import (
         Engine,
@@ -315,7 +315,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
-    bf16 = cfg.train.bf16
+    bf16 = resolve_bf16(cfg.train.bf16, device)
     torch.manual_seed(cfg.seed + rank)
 
     task_name = config["task"]

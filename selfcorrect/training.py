@@ -54,6 +54,7 @@ from selfcorrect.loss import (
     global_weight_sum,
     weighted_lm_loss,
 )
+from selfcorrect.models import resolve_bf16
 from selfcorrect.traces import Span, build_example
 
 STATE_FILE = "trainer_state.json"
@@ -448,6 +449,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         device = torch.device("cpu")
     torch.manual_seed(cfg.seed + rank)
 
+    bf16 = resolve_bf16(t.bf16, device)
     model, tok = build_training_model(cfg, config.get("init_model_path"))
     model.to(device)
     engine = Engine(cfg, model, world, n_micro, use_ray)
@@ -482,7 +484,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
             b = {k: v.to(device) for k, v in b.items()}
             last_micro = i == len(micro) - 1
             with engine.no_sync(last_micro):
-                with _autocast(device, t.bf16):
+                with _autocast(device, bf16):
                     logits = engine.forward(b)  # [mb, T, V]
                 loss, stats = weighted_lm_loss(logits, b, norm, world)
                 engine.backward(loss)
@@ -499,6 +501,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         due_ckpt = final or (ckpt_every and done % ckpt_every == 0)
         if final or due_ckpt or done % max(1, t.log_every) == 0:
             last = acc.metrics(done, lr, grad_norm, time.time() - t_window, world)
+            last["bf16"] = bf16
             acc = _Accumulator(kinds)
             t_window = time.time()
             history.append(last)

@@ -24,6 +24,23 @@ def test_overrides_are_typed():
     assert parse_override("model.path=null") == ("model.path", None)
 
 
+def test_bf16_is_true_false_or_auto_and_auto_follows_the_hardware():
+    import torch
+
+    from selfcorrect.models import cpu_has_bf16, resolve_bf16
+
+    assert load_config(None).train.bf16 == "auto"
+    assert load_config(None, ["train.bf16=false"]).train.bf16 is False
+    with pytest.raises(ConfigError, match="choose true, false or auto"):
+        load_config(None, ["train.bf16=fast"])
+    cpu = torch.device("cpu")
+    assert resolve_bf16(True, cpu) is True and resolve_bf16(False, cpu) is False
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    expected = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_has_bf16() is expected
+    assert resolve_bf16("auto", cpu) is expected
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

@@ -137,3 +137,43 @@ def test_changed_experiment_needs_overwrite(tmp_path):
             JobContext(load_config(SMOKE, ["data.n_train=20", "data.n_test=5", "seed=1"]), out),
             steps,
         )
+
+
+def test_parallel_tasks_match_sequential_and_surface_failures(tmp_path):
+    """Tasks in driver threads write the same files and manifest records as one after the
+    other, and a failing task fails the run without losing the other task's finished stage."""
+    steps = _steps("data")
+    base = ["data.n_train=30", "data.n_test=10"]
+    par, seq = str(tmp_path / "par"), str(tmp_path / "seq")
+    pipeline.run(JobContext(load_config(SMOKE, base), par), steps)
+    pipeline.run(JobContext(load_config(SMOKE, [*base, "ray.parallel_tasks=false"]), seq), steps)
+    for task in ("multiplication", "sudoku"):
+        for split in ("train", "test"):
+            rel = os.path.join(task, "data", f"{split}.parquet")
+            assert open(os.path.join(par, rel), "rb").read() == open(
+                os.path.join(seq, rel), "rb"
+            ).read()
+    stages = json.loads(open(os.path.join(par, "manifest.json")).read())["stages"]
+    assert {stages[f"{t}/data"]["status"] for t in ("multiplication", "sudoku")} == {"done"}
+
+    def boom(ctx: JobContext) -> None:
+        if ctx.cfg.tasks == ["sudoku"]:
+            raise RuntimeError("sudoku broke")
+        from rayjobs import data
+
+        data.run(ctx)
+
+    bad = pipeline.Step("data", "data", lambda c: c, needs_ray=False)
+    out = str(tmp_path / "bad")
+    modules = {"data": type("M", (), {"run": staticmethod(boom)})}
+    ctx = JobContext(load_config(SMOKE, base), out)
+    with pytest.raises(RuntimeError, match="sudoku broke"):
+        pipeline._in_threads(
+            [
+                lambda t=t: pipeline._run_steps(
+                    ctx, pipeline._only_task(ctx.cfg, t), [bad], modules, 0.0, t
+                )
+                for t in ctx.cfg.tasks
+            ]
+        )
+    assert os.path.exists(os.path.join(out, "multiplication", "data", "train.parquet"))
