@@ -35,7 +35,14 @@ ONPOLICY_COLUMNS = ["prompt", "prefix_steps", "wrong_step", "error_type"]
 
 
 # Train keys that do not change the model a method produces.
-_NOT_IN_HASH = ("methods", "max_failures", "log_every", "checkpoint_every")
+_NOT_IN_HASH = (
+    "methods",
+    "max_failures",
+    "log_every",
+    "checkpoint_every",
+    "base_steps",
+    "base_steps_by_task",
+)
 
 
 def train_hash(cfg: Config, task: str, method: str, onpolicy_digest: str | None = None) -> str:
@@ -48,6 +55,8 @@ def train_hash(cfg: Config, task: str, method: str, onpolicy_digest: str | None 
         "data": d["data"],
         "model": d["model"],
         "train": {k: v for k, v in d["train"].items() if k not in _NOT_IN_HASH},
+        # Only this task's base budget matters to this task's models.
+        "base_steps": cfg.train.base_steps_by_task.get(task, cfg.train.base_steps),
         "method": method,
     }
     if method == "hybrid":
@@ -276,14 +285,20 @@ def train_base(ctx: JobContext, name: str) -> str | None:
     directory, or None when ``train.base_steps`` is 0.
     """
     cfg = ctx.cfg
-    if cfg.train.base_steps == 0:
+    t = cfg.train
+    steps = t.base_steps_by_task.get(name, t.base_steps)
+    if steps == 0:
         return None
     rel = f"{name}/models/base"
-    t = cfg.train
     base_cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(
-            t, max_steps=t.base_steps, base_steps=0, lr=t.base_lr or t.lr, base_lr=0.0
+            t,
+            max_steps=steps,
+            base_steps=0,
+            base_steps_by_task={},
+            lr=t.base_lr or t.lr,
+            base_lr=0.0,
         ),
     )
 

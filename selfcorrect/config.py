@@ -102,6 +102,11 @@ class TrainConfig:
         "from for max_steps (the small-scale stand-in for a pretrained LM; 0 = methods start "
         "from model.preset / model.path)",
     )
+    base_steps_by_task: dict[str, int] = _f(
+        {},
+        "per-task base_steps, e.g. {sudoku: 1000}: tasks whose steps cost more or learn faster "
+        "(tasks not named use base_steps)",
+    )
     base_lr: float = _f(
         0.0,
         "peak learning rate of the base stage (0 = train.lr); methods fine-tune at train.lr, "
@@ -154,6 +159,12 @@ class TrainConfig:
             f"({self.micro_batch_size} * {self.num_workers})",
         )
         _check(self.lr > 0, "train.lr", "must be > 0")
+        for k, v in self.base_steps_by_task.items():
+            _check(
+                k in ("multiplication", "sudoku") and v >= 0,
+                "train.base_steps_by_task",
+                f"{k}: {v}: name a task (multiplication, sudoku) and steps >= 0",
+            )
         _check(self.base_lr >= 0, "train.base_lr", "must be >= 0 (0 = train.lr)")
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")

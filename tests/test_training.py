@@ -252,3 +252,17 @@ def test_resume_from_checkpoint_is_exact(mul_prompts, tmp_path):
     a, b = _final_state(straight), _final_state(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_task_model_hash_follows_only_its_own_base_budget():
+    from rayjobs.train import train_hash
+    from selfcorrect.config import load_config
+
+    def h(task: str, *ov: str) -> str:
+        return train_hash(load_config(None, ["train.base_steps=100", *ov]), task, "eift")
+
+    other_task = "train.base_steps_by_task={sudoku: 50}"
+    assert h("multiplication") == h("multiplication", other_task)
+    assert h("sudoku") != h("sudoku", other_task)
+    assert h("sudoku", "train.base_steps_by_task={sudoku: 100}") == h("sudoku")
+    assert h("multiplication", "train.base_lr=0.01") != h("multiplication")
