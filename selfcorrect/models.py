@@ -77,7 +77,7 @@ def load_model(
     """Load a saved model + tokenizer (safetensors only), with a clear error if it is not there."""
     check_model_dir(path)
     try:
-        tokenizer = _load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelPathError(f"could not load model from {path!r}: {e}; {_RETRAIN}") from e
@@ -138,7 +138,7 @@ def check_model_dir(path: str) -> None:
             ) from e
 
 
-def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """AutoTokenizer, except for tokenizers saved as a plain ``tokenizer.json`` (our char one).
 
     transformers 5 maps ``TokenizersBackend`` tokenizers to the class of the model

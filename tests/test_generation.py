@@ -156,3 +156,26 @@ def test_generation_actor_adds_completion_column(trained, prefixes, tmp_path):
         model, tok, [prefixes[1], prefixes[3]], max_new_tokens=30, temperature=1.0, seeds=[2, 4]
     )
     assert list(out["completion"]) == [greedy[0], hot[0], greedy[1], hot[1]]
+
+
+def test_prompt_longer_than_the_context_is_refused_not_truncated(trained, prefixes):
+    """The nano model was built with model.max_length=160: its context is 160 positions."""
+    model, tok = trained
+    assert model.config.max_position_embeddings == 160
+    long = "12*34\n" + "12*4=48\n" * 25  # 206 tokens
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) do not fit.*160 tokens.*model.max_length"):
+        generate(model, tok, [prefixes[0], long], max_new_tokens=4)
+    with pytest.raises(ValueError, match="context of 20 tokens"):
+        generate(model, tok, [prefixes[0] * 4], max_new_tokens=4, max_length=20)
+
+
+def test_generation_stops_when_the_context_is_full(trained, prefixes):
+    """A prompt near the context gets only the positions that are left, never an index error."""
+    model, tok = trained
+    near = "12*34\n" + "12*4=48\n" * 19  # 158 of 160 positions
+    n = len(tok(near, add_special_tokens=False)["input_ids"])
+    kw = {"max_new_tokens": 40, "temperature": 1.0}
+    out = generate(model, tok, [near, prefixes[0]], seeds=[5, 7], **kw)
+    assert len(tok(out[0], add_special_tokens=False)["input_ids"]) <= 160 - n
+    # the short row in the same batch is untouched by its neighbour's limit
+    assert out[1] == generate(model, tok, [prefixes[0]], seeds=[7], **kw)[0]
