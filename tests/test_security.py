@@ -22,7 +22,7 @@ SECRET_PATTERNS = {
     "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
     "GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"),
     "private key": re.compile(r"-----BEGIN (RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----"),
-    "password": re.compile(r"(?i)\bpassword\s*[:=]\s*['\"]?[^\s'\"{}$<>]{4,}"),
+    "password": re.compile(r"(?i)\bpassword\s*[:=]\s*['\"]?[^\s'\"`{}$<>]{4,}"),
     "Ray auth token": re.compile(r"RAY_AUTH_TOKEN\s*[:=]\s*['\"]?[A-Za-z0-9_\-]{16,}"),
 }
 
