@@ -106,6 +106,34 @@ def check_shape(cfg: Config) -> None:
         )
 
 
+def preflight(
+    cfg: Config,
+    task_name: str,
+    method: str,
+    prompts: list[str],
+    onpolicy: list[dict[str, Any]] | None,
+    init_model_path: str | None,
+) -> None:
+    """Encode the first global batch on the driver, before any Ray Train worker starts.
+
+    Unparseable prompts or examples longer than ``model.max_length`` then fail once,
+    with their own message, instead of inside every worker after its retries. Skipped for
+    hub models, whose tokenizer would have to be downloaded here.
+    """
+    from selfcorrect.models import load_tokenizer
+    from selfcorrect.tokenizer import build_char_tokenizer
+    from selfcorrect.training import ExampleStream
+
+    path = init_model_path or cfg.model.path
+    if path is None:
+        tokenizer = build_char_tokenizer()
+    elif not io.is_uri(path) and Path(path, "config.json").exists():
+        tokenizer = load_tokenizer(path)
+    else:
+        return
+    ExampleStream(cfg, task_name, method, prompts, tokenizer, onpolicy).local_batch(0, 0, 1)
+
+
 def _ray_storage(out_dir: str) -> str:
     """Ray Train storage for this model's checkpoints: a hidden sibling of the model dir."""
     if io.is_uri(out_dir):
@@ -150,6 +178,7 @@ def train_one(
         if onpolicy_path is None:
             raise ValueError("hybrid needs onpolicy_path (the harvest of the FT model on train)")
         onpolicy = load_onpolicy(onpolicy_path)
+    preflight(cfg, task_name, method, prompts, onpolicy, init_model_path)
     name = run_name or f"{task_name}-{method}-{train_hash(cfg, task_name, method)}"
     trainer = make_trainer(
         cfg,

@@ -90,6 +90,7 @@ class ModelConfig:
             "choose nano, tiny, small, base or 0.5b",
         )
         _check(self.max_length >= 16, "model.max_length", "must be >= 16")
+        _check(self.lora_r >= 1 and self.lora_alpha >= 1, "model.lora_r/lora_alpha", "must be >= 1")
 
 
 @dataclass
@@ -167,6 +168,20 @@ class TrainConfig:
             )
         _check(self.base_lr >= 0, "train.base_lr", "must be >= 0 (0 = train.lr)")
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1")
+        _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no budget)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(
+            self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = at the end)"
+        )
+        _check(self.max_failures >= -1, "train.max_failures", "must be >= 0 (-1 = retry forever)")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(
+            min(self.w_recognition, self.w_correction, self.w_unlikelihood) >= 0,
+            "train.w_recognition/w_correction/w_unlikelihood",
+            "loss weights must be >= 0",
+        )
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")
         _check(0 <= self.injection_rate <= 1, "train.injection_rate", "must be in [0, 1]")
         _check(0 <= self.onpolicy_fraction <= 1, "train.onpolicy_fraction", "must be in [0, 1]")
@@ -195,6 +210,10 @@ class HarvestConfig:
             _check(s in ("train", "test"), "harvest.splits", "choose from train, test")
         _check(self.temperature >= 0, "harvest.temperature", "must be >= 0")
         _check(self.samples_per_problem >= 1, "harvest.samples_per_problem", "must be >= 1")
+        _check(self.max_problems >= 0, "harvest.max_problems", "must be >= 0 (0 = all)")
+        _check(self.num_actors >= 1, "harvest.num_actors", "must be >= 1")
+        _check(self.batch_size >= 1, "harvest.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "harvest.max_new_tokens", "must be >= 1")
 
 
 @dataclass
@@ -232,6 +251,11 @@ class EvalConfig:
             )
         _check(len(self.conditions) > 0, "eval.conditions", "name at least one condition")
         _check(self.num_actors >= 1, "eval.num_actors", "must be >= 1")
+        _check(
+            self.max_problems >= 0 and self.max_errors >= 0,
+            "eval.max_problems/max_errors",
+            "must be >= 0 (0 = all)",
+        )
         _check(self.cpus_per_actor >= 1, "eval.cpus_per_actor", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
@@ -275,6 +299,12 @@ class GRPOConfig:
         _check(self.micro_batch_size >= 0, "grpo.micro_batch_size", "must be >= 0")
         _check(self.updates_per_batch >= 1, "grpo.updates_per_batch", "must be >= 1")
         _check(self.weight_decay >= 0, "grpo.weight_decay", "must be >= 0")
+        _check(self.max_minutes >= 0, "grpo.max_minutes", "must be >= 0 (0 = no budget)")
+        _check(
+            self.correction_bonus >= 0 and self.false_alarm_penalty >= 0,
+            "grpo.correction_bonus/false_alarm_penalty",
+            "must be >= 0",
+        )
         _check(
             min(self.checkpoint_every, self.eval_every, self.eval_problems) >= 0,
             "grpo.checkpoint_every/eval_every/eval_problems",
@@ -343,7 +373,11 @@ class RayConfig:
     )
 
     def validate(self) -> None:
-        pass
+        _check(
+            self.num_cpus is None or self.num_cpus >= 1,
+            "ray.num_cpus",
+            "must be >= 1 (or null = all cores)",
+        )
 
 
 @dataclass
@@ -371,6 +405,7 @@ class Config:
                 f"unknown task {t!r}; choose multiplication, sudoku",
             )
         _check(len(self.tasks) > 0, "tasks", "name at least one task")
+        _check(self.seed >= 0, "seed", "must be >= 0 (numpy seeds are non-negative)")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):
@@ -431,7 +466,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[-1], key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected a list, got {value!r}; write a YAML list, "
+                f"e.g. {key}=[{value}]"
+            )
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):

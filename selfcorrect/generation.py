@@ -102,13 +102,19 @@ def generate(
     temperature: float = 0.0,
     seeds: Sequence[int] | None = None,
     batch_size: int = 64,
+    max_length: int | None = None,
 ) -> list[str]:
     """Continue each prefix; returns the continuation texts in input order.
 
     Greedy at ``temperature == 0``; otherwise sampling where row ``i`` depends
     only on ``prefixes[i]`` and ``seeds[i]`` (not on batching or order). A row
-    stops at EOS, after its ``ANSWER`` line's newline, or at ``max_new_tokens``.
-    Special tokens other than pad/eos/bos (e.g. ``</mistake>``) are kept.
+    stops at EOS, after its ``ANSWER`` line's newline, at ``max_new_tokens``, or when it
+    fills the model's context. Special tokens other than pad/eos/bos (e.g. ``</mistake>``)
+    are kept.
+
+    ``max_length`` is the model's context in tokens (default: the model config's
+    ``max_position_embeddings``, which ``model.max_length`` sets for the presets). A prefix
+    that does not leave room for one new token is an error: it is never silently truncated.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -135,6 +141,16 @@ def generate(
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prefix {i} is empty; every prefix needs at least the prompt line")
+    context = max_length or model_context(model)
+    if context is not None:
+        too_long = [i for i, row in enumerate(ids) if len(row) >= context]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(
+                f"{len(too_long)} prompt(s) do not fit the model's context of {context} tokens "
+                f"(prefix {i} has {len(ids[i])} tokens: {prefixes[i][:60]!r}...); prompts are "
+                "never truncated: raise model.max_length (and retrain) or shorten the prompts"
+            )
     # Longest first: similar lengths share a batch (little padding), and memory errors come early.
     order = sorted(range(len(prefixes)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(prefixes)
@@ -151,6 +167,7 @@ def generate(
                 [seeds[i] for i in rows],
                 max_new_tokens,
                 temperature,
+                context,
             )
             for i, t in zip(rows, texts, strict=True):
                 out[i] = t
@@ -167,6 +184,7 @@ def _generate_batch(
     seeds: list[int],
     max_new_tokens: int,
     temperature: float,
+    context: int | None = None,
 ) -> list[str]:
     from transformers import DynamicCache
 
@@ -229,6 +247,9 @@ def _generate_batch(
             if fin[slot]:
                 continue
             generated[row].append(tok)
+            if context is not None and len(ids[row]) + len(generated[row]) >= context:
+                fin[slot] = True  # the context is full: no position left for another token
+                continue
             if check[slot]:
                 # Only the line(s) this newline completed: earlier lines were checked already.
                 head = tails[row] if line_start[row] == 0 else ""
@@ -253,6 +274,12 @@ def _generate_batch(
         end = answer_line_done(tails[row] + text)  # cut what a multi-char token put after it
         texts.append(text if end is None else text[: end - len(tails[row])])
     return texts
+
+
+def model_context(model: torch.nn.Module) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings``), if it declares one."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if n else None
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -302,6 +329,11 @@ def map_generate(
     """
     import ray
 
+    from selfcorrect.models import check_model_dir
+
+    if "://" not in model_path and os.path.exists(model_path):
+        # A corrupt model fails here with one message, not as a crash in every actor.
+        check_model_dir(model_path)
     if use_gpu is None:
         use_gpu = cluster_has_gpus()
     return ds.map_batches(

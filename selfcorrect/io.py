@@ -107,12 +107,39 @@ def write_parquet(path: str, table: pa.Table | Any) -> None:
     write_bytes(path, buf.getvalue())
 
 
+# Output-layout folder (DESIGN 7) -> the job that writes files there.
+_WRITERS = {
+    "data": "rayjobs.data",
+    "models": "rayjobs.train",
+    "harvest": "rayjobs.harvest",
+    "coverage": "rayjobs.coverage",
+    "eval": "rayjobs.evaluate",
+    "tune": "rayjobs.tune",
+}
+
+
+def producing_stage(path: str) -> str:
+    """The job that writes ``path`` in the output layout, so an error can say what to rerun."""
+    parts = str(path).replace("\\", "/").split("/")
+    if parts and parts[-1] == "eval_summary.parquet":
+        return "rayjobs.evaluate"
+    for part in reversed(parts[:-1]):
+        if part in _WRITERS:
+            return _WRITERS[part]
+    return "the stage that writes it"
+
+
 def read_parquet(path: str, required: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file; a missing, corrupt or schema-mismatched file gets a clear error."""
+    """Read a Parquet file; a missing, corrupt or schema-mismatched file gets a clear error.
+
+    The message names the file and the job to rerun, so a user never has to read a pyarrow
+    traceback to find out which stage's output is broken.
+    """
     path = str(path)
+    stage = producing_stage(path)
     if not exists(path):
         raise FileNotFoundError(
-            f"{path} does not exist; run the stage that produces it first "
+            f"{path} does not exist; run {stage} first "
             "(or the whole pipeline: python -m rayjobs.pipeline)"
         )
     try:
@@ -120,14 +147,13 @@ def read_parquet(path: str, required: list[str] | None = None) -> pa.Table:
         table = pq.read_table(p, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
         raise CorruptFileError(
-            f"{path} is not a readable Parquet file ({e}); delete it and rerun the stage that "
-            "writes it"
+            f"{path} is not a readable Parquet file ({e}); delete it and rerun {stage}"
         ) from e
     missing = [c for c in (required or []) if c not in table.column_names]
     if missing:
         raise CorruptFileError(
             f"{path} lacks columns {missing} (has {table.column_names}); it was written by another "
-            "version or stage: delete it and rerun the stage that writes it"
+            f"version or stage: delete it and rerun {stage}"
         )
     return table
 

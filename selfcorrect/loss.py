@@ -83,8 +83,9 @@ def encode_example(
     kind = np.append(kind, int(Span.GOLDEN)).astype(np.int8)
     if max_length is not None and len(ids) > max_length:
         raise ValueError(
-            f"example of {len(ids)} tokens exceeds max_length={max_length}; raise "
-            "train.max_length or use fewer digits / errors per trace"
+            f"training example of {len(ids)} tokens exceeds model.max_length={max_length} "
+            "(examples are never truncated); raise model.max_length, or use fewer digits / "
+            "fewer errors per trace (train.max_errors)"
         )
     return {"input_ids": ids, "loss_weight": w, "ul_weight": ul, "span_kind": kind}
 

@@ -7,10 +7,12 @@ config names a hub model explicitly.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -73,29 +75,70 @@ def load_model(
     path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a saved model + tokenizer (safetensors only), with a clear error if it is not there."""
-    p = Path(path)
-    if not p.exists() and not _looks_like_hub_id(path):
-        raise ModelPathError(
-            f"model path {path!r} does not exist; train it first (python -m rayjobs.train) or set "
-            "model.path to a local Hugging Face model directory"
-        )
-    if p.exists() and not (p / "config.json").exists():
-        raise ModelPathError(
-            f"{path!r} is not a Hugging Face model directory (no config.json); it may be a "
-            "half-written or corrupt model: delete it and rerun training"
-        )
+    check_model_dir(path)
     try:
-        tokenizer = _load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ModelPathError(f"could not load model from {path!r}: {e}") from e
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelPathError(f"could not load model from {path!r}: {e}; {_RETRAIN}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer
 
 
-def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+_RETRAIN = (
+    "delete the directory and rerun the stage that wrote it (python -m rayjobs.train, or "
+    "rayjobs.grpo for models/grpo), or point model.path at a good Hugging Face model directory"
+)
+
+
+def check_model_dir(path: str) -> None:
+    """Fail fast on a local model directory that is missing, half-written or corrupt.
+
+    Reads only ``config.json`` and the safetensors headers (no weights), so a job can call
+    it on the driver before it starts actors or workers: a broken model then costs one clear
+    message instead of an actor crash deep in transformers. Hub ids and URIs pass through.
+    """
+    p = Path(path)
+    if not p.exists():
+        if _looks_like_hub_id(path) or "://" in path:
+            return
+        raise ModelPathError(
+            f"model path {path!r} does not exist; train it first (python -m rayjobs.train) or set "
+            "model.path to a local Hugging Face model directory"
+        )
+    cfg_file = p / "config.json"
+    if not cfg_file.exists():
+        raise ModelPathError(
+            f"{path!r} is not a Hugging Face model directory (no config.json); it may be a "
+            f"half-written or corrupt model: {_RETRAIN}"
+        )
+    try:
+        json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelPathError(f"{cfg_file} is not valid JSON ({e}); {_RETRAIN}") from e
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        extra = (
+            f" (it has {', '.join(pickled)}: pickle-based weights are never loaded, they can run "
+            "code; convert them with save_pretrained(safe_serialization=True))"
+            if pickled
+            else ""
+        )
+        raise ModelPathError(f"{path!r} holds no *.safetensors weights{extra}; {_RETRAIN}")
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except (SafetensorError, OSError) as e:
+            raise ModelPathError(
+                f"weights file {f} is truncated or corrupt ({e}); {_RETRAIN}"
+            ) from e
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """AutoTokenizer, except for tokenizers saved as a plain ``tokenizer.json`` (our char one).
 
     transformers 5 maps ``TokenizersBackend`` tokenizers to the class of the model
@@ -105,8 +148,6 @@ def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """
     cfg_file = Path(path) / "tokenizer_config.json"
     if cfg_file.exists():
-        import json
-
         cls = json.loads(cfg_file.read_text()).get("tokenizer_class")
         if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(path)

@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -364,10 +365,30 @@ class Engine:
         if self.ds is not None:
             self.ds.load_checkpoint(d, tag=DS_TAG)
         else:
-            st = torch.load(os.path.join(d, TORCH_STATE), map_location="cpu", weights_only=True)
+            st = load_torch_state(os.path.join(d, TORCH_STATE))
             self.module.load_state_dict(st["model"])
             self.optimizer.load_state_dict(st["optimizer"])
             self.scheduler.load_state_dict(st["scheduler"])
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than tensors and plain containers."""
+
+
+def load_torch_state(path: str) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``).
+
+    A checkpoint is a pickle: loading it unrestricted runs whatever code it names. The
+    project only ever writes tensors, numbers and dicts, so anything else is refused.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint {path}: it holds Python objects other than tensors "
+            f"({str(e).splitlines()[0]}); it was not written by selfcorrect or was tampered "
+            "with: delete the checkpoint directory and rerun the stage"
+        ) from e
 
 
 def _all_sum(values: list[float]) -> list[float]:
@@ -583,7 +604,7 @@ def resume_from_checkpoint(
     engine.load(ckpt_dir)
     rng_file = Path(ckpt_dir, f"rng_rank{rank}.pt")
     if rng_file.exists():
-        torch.set_rng_state(torch.load(rng_file, weights_only=True))
+        torch.set_rng_state(load_torch_state(str(rng_file)))
     if rank == 0:
         print(f"{label}: resumed from checkpoint at step {start}", flush=True)
     return start, history, resumes

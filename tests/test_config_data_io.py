@@ -54,11 +54,78 @@ def test_bf16_is_true_false_or_auto_and_auto_follows_the_hardware():
         ("multiplication.error_weights={carry: -1}", "must be >= 0"),
         ("sudoku.error_weights={typo: 1}", "unknown error type"),
         ("train.batch_size=10", "multiple of micro_batch_size"),
+        # issue 9: typos in nested sections, wrong types, out-of-range values
+        ("model.max_len=100", "did you mean 'model.max_length'"),
+        ("grpo.group_sise=4", "did you mean 'grpo.group_size'"),
+        ("eval.temperature=[0.0]", "did you mean 'eval.temperatures'"),
+        ("train.zzz=1", "valid keys: methods, max_steps"),
+        ("train=5", "config section 'train' must be a mapping"),
+        ("train.lr=-1", "'train.lr': must be > 0"),
+        ("train.batch_size=abc", "'train.batch_size': expected an integer, got 'abc'"),
+        ("train.bf16=maybe", "'train.bf16': expected true/false"),
+        ("tasks=sudoku", r"'tasks': expected a list.*tasks=\[sudoku\]"),
+        ("tasks=[]", "name at least one task"),
+        ("seed=-1", "'seed': must be >= 0"),
+        ("train.warmup_steps=-5", "'train.warmup_steps': must be >= 0"),
+        ("train.weight_decay=-0.1", "'train.weight_decay': must be >= 0"),
+        ("train.log_every=0", "'train.log_every': must be >= 1"),
+        ("train.w_recognition=-1", "loss weights must be >= 0"),
+        ("train.cpus_per_worker=0", "'train.cpus_per_worker': must be >= 1"),
+        ("harvest.num_actors=0", "'harvest.num_actors': must be >= 1"),
+        ("harvest.max_new_tokens=0", "'harvest.max_new_tokens': must be >= 1"),
+        ("harvest.max_problems=-1", "'harvest.max_problems': must be >= 0"),
+        ("eval.max_errors=-3", "'eval.max_problems/max_errors': must be >= 0"),
+        ("grpo.max_minutes=-1", "'grpo.max_minutes': must be >= 0"),
+        ("model.lora_r=0", "'model.lora_r/lora_alpha': must be >= 1"),
+        ("ray.num_cpus=0", "'ray.num_cpus': must be >= 1"),
+        ("multiplication.digits_a=0", "must be in 1..9"),
+        ("sudoku.max_empty=17", "min_empty <= max_empty <= 16"),
+        ("multiplication.error_weights.carry=abc", "expected a number"),
+        ("train.lr", "must look like key=value"),
     ],
 )
 def test_bad_config_gets_a_clear_message(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "yaml_text,match",
+    [
+        ("seeed: 3\n", "unknown config key 'seeed'; did you mean 'seed'"),
+        ("grpo: {group_sise: 4}\n", "did you mean 'grpo.group_size'"),
+        ("multiplication: {digits: 3}\n", "did you mean 'multiplication.digits_[ab]'"),
+        ("train: {lr: -1}\n", "'train.lr': must be > 0"),
+        ("train: {injection_rate: 1.5}\n", "'train.injection_rate': must be in"),
+        ("tasks: [chess]\n", "unknown task 'chess'; choose multiplication, sudoku"),
+        ("- just\n- a list\n", "'<root>' must be a mapping"),
+        ("train: {lr: [1\n", "is not valid YAML"),
+    ],
+)
+def test_bad_yaml_gets_a_clear_message(tmp_path, yaml_text, match):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(str(bad))
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes: proves a refused job touched nothing."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_bad_config_on_the_command_line_writes_nothing(tmp_path, capsys):
+    from rayjobs import data
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        data.main(["--output-dir", str(out), "tasks=[sudoku]", "train.lrr=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "config error: unknown config key 'train.lrr'; did you mean 'train.lr'" in err
+    assert not out.exists()
 
 
 def test_missing_config_file():
@@ -104,6 +171,51 @@ def test_atomic_parquet_and_corrupt_file_errors(tmp_path):
         io.read_parquet(str(tmp_path / "missing.parquet"))
 
 
+@pytest.mark.parametrize(
+    "rel,stage",
+    [
+        ("sudoku/data/train.parquet", "rayjobs.data"),
+        ("sudoku/harvest/ft-test.parquet", "rayjobs.harvest"),
+        ("sudoku/coverage/ft.parquet", "rayjobs.coverage"),
+        ("sudoku/eval/ft.parquet", "rayjobs.evaluate"),
+        ("eval_summary.parquet", "rayjobs.evaluate"),
+        ("sudoku/tune/results.parquet", "rayjobs.tune"),
+    ],
+)
+def test_corrupt_parquet_message_names_the_file_and_the_stage_to_rerun(tmp_path, rel, stage):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.write_parquet(str(path), pa.table({"a": [1, 2, 3]}))
+    with pytest.raises(io.CorruptFileError, match=rf"{path}.*lacks columns.*rerun {stage}"):
+        io.read_parquet(str(path), required=["prompt"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated mid-file, as by a full disk
+    with pytest.raises(io.CorruptFileError, match=rf"{path} is not a readable.*rerun {stage}"):
+        io.read_parquet(str(path))
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{path} does not exist; run {stage}"):
+        io.read_parquet(str(path))
+
+
+def test_train_stage_refuses_corrupt_data_before_starting_ray(tmp_path):
+    """The stage reads its input on the driver: a broken file stops it before any worker runs."""
+    import ray
+
+    from rayjobs.train import train_one
+
+    cfg = load_config(os.path.join(REPO, "configs/smoke.yaml"))
+    train = tmp_path / "sudoku" / "data" / "train.parquet"
+    train.parent.mkdir(parents=True)
+    io.write_parquet(str(train), pa.table({"problem_id": [0], "answer": ["x"]}))  # no prompt
+    out = tmp_path / "sudoku" / "models" / "ft"
+    with pytest.raises(io.CorruptFileError, match=r"lacks columns \['prompt'\].*rayjobs.data"):
+        train_one(cfg, "sudoku", "ft", str(out), train_path=str(train))
+    train.write_bytes(b"PAR1 garbage")
+    with pytest.raises(io.CorruptFileError, match="not a readable Parquet.*rerun rayjobs.data"):
+        train_one(cfg, "sudoku", "ft", str(out), train_path=str(train))
+    assert not out.exists() and not ray.is_initialized()
+
+
 def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     p = str(tmp_path / "t.parquet")
     io.write_parquet(p, pa.table({"a": [1]}))
@@ -129,9 +241,14 @@ def test_data_job_skips_when_done_and_refuses_other_experiment(tmp_path, capsys)
     data.main(args)
     assert "[skip] sudoku/data" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "sudoku/data/train.parquet")) == before
-    with pytest.raises(ConfigError, match="different experiment"):
-        data.main(args + ["seed=5"])
+    before_bytes = _snapshot(tmp_path / "run")
+    for other in (["seed=5"], ["tasks=[sudoku]"], ["data.n_train=7"], ["sudoku.min_empty=5"]):
+        with pytest.raises(ConfigError, match="different experiment.*--overwrite"):
+            data.main(args + other)
+        # refused before anything was written: config, manifest and data are byte-identical
+        assert _snapshot(tmp_path / "run") == before_bytes, other
     data.main(args + ["seed=5", "--overwrite"])
+    assert _snapshot(tmp_path / "run") != before_bytes
 
 
 def test_relative_output_dir_becomes_absolute(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,71 @@ def test_generation_actor_adds_completion_column(trained, prefixes, tmp_path):
         model, tok, [prefixes[1], prefixes[3]], max_new_tokens=30, temperature=1.0, seeds=[2, 4]
     )
     assert list(out["completion"]) == [greedy[0], hot[0], greedy[1], hot[1]]
+
+
+def test_prompt_longer_than_the_context_is_refused_not_truncated(trained, prefixes):
+    """The nano model was built with model.max_length=160: its context is 160 positions."""
+    model, tok = trained
+    assert model.config.max_position_embeddings == 160
+    long = "12*34\n" + "12*4=48\n" * 25  # 206 tokens
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) do not fit.*160 tokens.*model.max_length"):
+        generate(model, tok, [prefixes[0], long], max_new_tokens=4)
+    with pytest.raises(ValueError, match="context of 20 tokens"):
+        generate(model, tok, [prefixes[0] * 4], max_new_tokens=4, max_length=20)
+
+
+def test_generation_stops_when_the_context_is_full(trained, prefixes):
+    """A prompt near the context gets only the positions that are left, never an index error."""
+    model, tok = trained
+    near = "12*34\n" + "12*4=48\n" * 19  # 158 of 160 positions
+    n = len(tok(near, add_special_tokens=False)["input_ids"])
+    kw = {"max_new_tokens": 40, "temperature": 1.0}
+    out = generate(model, tok, [near, prefixes[0]], seeds=[5, 7], **kw)
+    assert len(tok(out[0], add_special_tokens=False)["input_ids"]) <= 160 - n
+    # the short row in the same batch is untouched by its neighbour's limit
+    assert out[1] == generate(model, tok, [prefixes[0]], seeds=[7], **kw)[0]
+
+
+def _break(d, how: str) -> None:
+    st = os.path.join(d, "model.safetensors")
+    if how == "no config.json":
+        os.remove(os.path.join(d, "config.json"))
+    elif how == "config.json not JSON":
+        open(os.path.join(d, "config.json"), "w").write("{truncated")
+    elif how == "truncated safetensors":
+        data = open(st, "rb").read()
+        open(st, "wb").write(data[: len(data) // 2])
+    elif how == "garbage safetensors":
+        open(st, "wb").write(os.urandom(4096))
+    elif how == "no weights":
+        os.remove(st)
+
+
+@pytest.mark.parametrize(
+    "how,match",
+    [
+        ("missing dir", "does not exist; train it first"),
+        ("no config.json", "no config.json"),
+        ("config.json not JSON", "config.json is not valid JSON"),
+        ("truncated safetensors", "model.safetensors is truncated or corrupt"),
+        ("garbage safetensors", "model.safetensors is truncated or corrupt"),
+        ("no weights", "holds no \\*.safetensors weights"),
+    ],
+)
+def test_missing_or_corrupt_model_dir_is_one_clear_error(tmp_path, how, match):
+    """Caught by the loader every stage uses, and on the driver before any actor starts."""
+    from selfcorrect.generation import map_generate
+    from selfcorrect.models import ModelPathError, load_model
+
+    model, tok = build_model("nano", 64)
+    d = str(tmp_path / "ft")
+    if how != "missing dir":
+        save_model(model, tok, d)
+        _break(d, how)
+    with pytest.raises(ModelPathError, match=match):
+        load_model(d)
+    with pytest.raises(ModelPathError, match=match):
+        GenerationActor(d, max_new_tokens=4)
+    if how != "missing dir":  # a dir the driver cannot see may exist on the actors' node
+        with pytest.raises(ModelPathError, match=f"{match}.*(rerun|train it)"):
+            map_generate(None, d, max_new_tokens=4, batch_size=4)

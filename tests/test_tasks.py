@@ -160,9 +160,44 @@ def test_unsolvable_by_singles_is_rejected():
         Sudoku().parse_prompt(".... .... .... ....")
 
 
-def test_malformed_multiplication_prompt():
-    with pytest.raises(MalformedProblemError, match="multiplication"):
-        Multiplication().parse_prompt("12*ab")
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("12*ab", "not of the form '<a>\\*<b>'"),
+        ("12x34", "not of the form"),
+        ("12*34*5", "not of the form"),
+        ("-12*34", "not of the form"),
+        ("12*", "not of the form"),
+        ("", "not of the form"),
+        ("0*34", "must be positive"),
+        ("012*34", "without leading zeros"),
+    ],
+)
+def test_malformed_multiplication_prompt(bad, match):
+    with pytest.raises(MalformedProblemError, match=f"multiplication prompt.*{match}"):
+        Multiplication().parse_prompt(bad)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("1234 3412 2143 432.", None),  # one blank, solvable: the control case
+        ("12.. 34.. .... ....", "naked singles"),  # valid clues, stuck after a few singles
+        ("1... ..1. .... ....", "naked singles"),
+        ("11.. .... .... ....", "repeats a digit"),  # row
+        ("1... 1... .... ....", "repeats a digit"),  # column
+        ("1... .1.. .... ....", "repeats a digit"),  # box
+        ("1234 3412 2143 4321 1234", "four space-separated rows"),
+        ("1234\n3412\n2143\n432.", "four space-separated rows"),
+    ],
+)
+def test_unsolvable_or_malformed_sudoku_is_refused_by_the_parser(bad, match):
+    sud = Sudoku()
+    if match is None:
+        assert sud.golden_steps(sud.parse_prompt(bad)) == ["r4c4=1"]
+        return
+    with pytest.raises(MalformedProblemError, match=f"sudoku .*{match}"):
+        sud.parse_prompt(bad)
 
 
 # ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _final_state(session: LocalSession) -> dict[str, torch.Tensor]:
     return torch.load(
-        os.path.join(session.latest, TORCH_STATE), weights_only=False, map_location="cpu"
+        os.path.join(session.latest, TORCH_STATE), weights_only=True, map_location="cpu"
     )["model"]
 
 
@@ -90,6 +90,38 @@ def test_eift_stream_injects_errors_at_the_configured_rate(mul_prompts):
     kinds = [b["span_kind"] for step in range(8) for b in s.local_batch(step, 0, 1)]  # 128 examples
     frac = np.mean([np.any(k == Span.WRONG) for k in kinds])
     assert 0.35 < frac < 0.65
+
+
+def test_too_long_training_examples_are_refused_not_truncated(mul_prompts, tmp_path):
+    """model.max_length below the trace length: one message naming the key, on the driver."""
+    import ray
+
+    from rayjobs.train import train_one
+    from selfcorrect import io
+
+    cfg = _cfg("model.max_length=16")
+    _, tok = build_model("nano", 16)
+    s = ExampleStream(cfg, "multiplication", "ft", mul_prompts, tok)
+    with pytest.raises(ValueError, match=r"tokens exceeds model.max_length=16.*never truncated"):
+        s.local_batch(0, 0, 1)
+    fits = ExampleStream(_cfg("model.max_length=64"), "multiplication", "ft", mul_prompts, tok)
+    assert max(len(b["input_ids"]) for b in fits.local_batch(0, 0, 1)) <= 64
+    # the train stage checks the first batch before Ray Train starts any worker
+    train = tmp_path / "data" / "train.parquet"
+    io.write_parquet(str(train), [{"prompt": p} for p in mul_prompts])
+    out = tmp_path / "models" / "ft"
+    with pytest.raises(ValueError, match="exceeds model.max_length=16"):
+        train_one(cfg, "multiplication", "ft", str(out), train_path=str(train))
+    assert not out.exists() and not ray.is_initialized()
+
+
+def test_unparseable_training_prompt_is_a_clear_error(mul_prompts):
+    from selfcorrect.tasks import MalformedProblemError
+
+    _, tok = build_model("nano", 256)
+    s = ExampleStream(_cfg(), "multiplication", "ft", ["12*3x"] * len(mul_prompts), tok)
+    with pytest.raises(MalformedProblemError, match="'12\\*3x' is not of the form"):
+        s.local_batch(0, 0, 1)
 
 
 def test_hybrid_without_onpolicy_errors_is_a_clear_error(mul_prompts):
