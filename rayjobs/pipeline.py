@@ -21,6 +21,7 @@ import importlib
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,6 +174,9 @@ def _in_threads(jobs: list[Callable[[], dict[str, float]]]) -> list[dict[str, fl
             results[i] = jobs[i]()
         except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread below
             errors.append(e)
+            # Say so now: the other tasks go on (their results are kept) and may take a while.
+            print(f"[pipeline] chain {i + 1}/{len(jobs)} failed; the others go on:", flush=True)
+            traceback.print_exc()
 
     threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(jobs))]
     for th in threads:

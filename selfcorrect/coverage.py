@@ -212,7 +212,11 @@ def summarize_coverage(table: pa.Table, task: Task, model: str) -> pa.Table:
     n_all = len(types)
     rows = []
     for group in ["all", *task.error_types, OTHER]:
-        sel = np.ones(n_all, bool) if group == "all" else np.array([t == group for t in types])
+        sel = (
+            np.ones(n_all, bool)
+            if group == "all"
+            else np.array([t == group for t in types], dtype=bool)  # bool even when empty
+        )
         n = int(sel.sum())
         k = int(covered[sel].sum())
         lo, hi = wilson(k, n)

@@ -148,6 +148,16 @@ def test_summary_rates_and_histogram():
             assert r["n_covered"] == round(r["coverage_rate"] * r["n_errors"])
 
 
+def test_summary_of_a_model_that_made_no_errors():
+    """A harvest with no wrong steps (e.g. a model that stops at once) summarises to zero
+    counts and undefined rates instead of crashing the stage."""
+    task = TASKS["multiplication"]
+    cov = coverage_batch(_errors(task, 5, seed=1), task, 100, seed=0).slice(0, 0)
+    s = summarize_coverage(cov, task, "ft").to_pylist()
+    assert [r["n_errors"] for r in s] == [0] * len(s)
+    assert all(r["coverage_rate"] is None for r in s)
+
+
 @pytest.mark.integration
 def test_ray_data_coverage_matches_in_process(ray_session, tmp_path):
     from rayjobs.coverage import run_coverage

@@ -150,9 +150,10 @@ def test_parallel_tasks_match_sequential_and_surface_failures(tmp_path):
     for task in ("multiplication", "sudoku"):
         for split in ("train", "test"):
             rel = os.path.join(task, "data", f"{split}.parquet")
-            assert open(os.path.join(par, rel), "rb").read() == open(
-                os.path.join(seq, rel), "rb"
-            ).read()
+            assert (
+                open(os.path.join(par, rel), "rb").read()
+                == open(os.path.join(seq, rel), "rb").read()
+            )
     stages = json.loads(open(os.path.join(par, "manifest.json")).read())["stages"]
     assert {stages[f"{t}/data"]["status"] for t in ("multiplication", "sudoku")} == {"done"}
 

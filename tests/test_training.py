@@ -235,6 +235,21 @@ def test_local_training_reduces_loss_and_writes_a_loadable_model(mul_prompts, tm
     assert all(changed)
 
 
+def test_bf16_autocast_trains_and_says_so_in_its_metrics(mul_prompts, tmp_path):
+    """The bf16 path (autocast, fp32 master weights) learns like fp32 and stays fp32 on disk."""
+    from selfcorrect.models import load_model
+
+    cfg = _cfg("train.checkpoint_every=0", "train.bf16=true")
+    last, session = train_local(
+        cfg, "multiplication", "ft", mul_prompts, max_steps=12, checkpoint_root=str(tmp_path)
+    )
+    hist = session.reports
+    assert all(h["bf16"] is True for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.5
+    model, _ = load_model(os.path.join(session.latest, "model"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_micro_batching_does_not_change_the_update(mul_prompts, tmp_path):
     """Global-batch normalisation: 1 x 16 and 4 x 4 micro-batches give the same step."""
     a = _final_state(
