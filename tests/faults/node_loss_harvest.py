@@ -16,8 +16,16 @@ import threading
 import time
 from collections import Counter
 
-from common import node_by_id, read_marker, shutdown, smoke_config, start_cluster, wait_for
-from common import workdir, write_data
+from common import (
+    node_by_id,
+    read_marker,
+    shutdown,
+    smoke_config,
+    start_cluster,
+    wait_for,
+    workdir,
+    write_data,
+)
 
 
 def hang_once_actor(marker: str) -> type:
@@ -102,6 +110,7 @@ def main() -> None:
             zip(
                 outcomes.column("problem_id").to_pylist(),
                 outcomes.column("sample_index").to_pylist(),
+                strict=True,
             )
         )
         assert len(pairs) == 32 and set(pairs.values()) == {1}, f"not every problem once: {pairs}"

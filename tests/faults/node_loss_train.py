@@ -14,8 +14,16 @@ import os
 import threading
 import time
 
-from common import node_by_id, read_marker, shutdown, smoke_config, start_cluster, wait_for
-from common import workdir, write_data
+from common import (
+    node_by_id,
+    read_marker,
+    shutdown,
+    smoke_config,
+    start_cluster,
+    wait_for,
+    workdir,
+    write_data,
+)
 
 
 def main() -> None:
