@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,10 @@ def _env(tmp: str) -> dict[str, str]:
     # A private Ray temp dir: the driver starts its own embedded instance and can never join
     # the pytest session's (or anyone else's) cluster.
     env.update(RAY_TMPDIR=tmp, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    # Its own auth token: ~/.ray/auth_token is shared with every other Ray user on the machine.
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # The raylet waits 15s for its dashboard agent, too short on a loaded 2-core machine.
+    env.setdefault("RAY_agent_register_timeout_ms", "60000")
     return env
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -24,6 +25,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.pop("RAY_ADDRESS", None)  # never join someone else's cluster
+# One token for every process of this cluster: ~/.ray/auth_token is shared with (and may be
+# regenerated or removed by) any other Ray user on the machine.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# A raylet waits 15s for its (Python) dashboard agent and then dies; on a loaded 2-core
+# machine the agent can take longer to import, so give it a minute.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "60000")
 
 
 def start_cluster(worker_cpus: list[int], head_cpus: int = 0) -> Any:
@@ -31,16 +38,28 @@ def start_cluster(worker_cpus: list[int], head_cpus: int = 0) -> Any:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": head_cpus, "include_dashboard": False},
-    )
+    cluster = Cluster(initialize_head=False)
+    _retry(lambda: cluster.add_node(num_cpus=head_cpus, include_dashboard=False), "head")
     for n in worker_cpus:
-        cluster.add_node(num_cpus=n)
+        _retry(lambda n=n: cluster.add_node(num_cpus=n), "worker node")
     env = {"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}}
     ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
     cluster.wait_for_nodes()
     return cluster
+
+
+def _retry(start: Callable[[], Any], what: str, attempts: int = 3) -> Any:
+    """Ray gives a raylet 30s (hard-coded) to register; on a loaded 2-core machine a start
+    can miss that, so try again rather than fail the scenario on start-up."""
+    for i in range(attempts):
+        try:
+            return start()
+        except Exception as e:
+            if i == attempts - 1:
+                raise
+            print(f"[faults] starting the {what} failed ({e}); retrying", flush=True)
+            time.sleep(5)
+    return None
 
 
 def node_by_id(cluster: Any, node_id: str) -> Any:
