@@ -162,14 +162,20 @@ def interrupt_pipeline(out: str, stage: str, sig: int, after_s: float) -> str:
         os.kill(proc.pid, sig)
         proc.wait(timeout=120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the Ray daemons the driver started
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_group(proc)
         reader.join(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     return "".join(lines)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a subprocess we started in its own session: the Ray daemons it
+    started (they inherit its process group) outlive a killed driver."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def check_nothing_half_written(out: str) -> list[str]:
@@ -301,22 +307,21 @@ def test_injected_errors_follow_their_rng_streams(reference):
 @pytest.mark.parametrize("scenario", ["node_loss_train", "node_loss_harvest"])
 def test_node_loss_on_simulated_cluster(scenario, tmp_path):
     tmp = _ray_tmp()
+    script = os.path.join(REPO, "tests", "faults", f"{scenario}.py")
+    proc = subprocess.Popen(
+        [sys.executable, script, str(tmp_path)],
+        cwd=REPO,
+        env=_env(tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                os.path.join(REPO, "tests", "faults", f"{scenario}.py"),
-                str(tmp_path),
-            ],
-            cwd=REPO,
-            env=_env(tmp),
-            capture_output=True,
-            text=True,
-            timeout=600,
-            start_new_session=True,
-        )
+        stdout, stderr = proc.communicate(timeout=600)
     finally:
+        _kill_group(proc)
         shutil.rmtree(tmp, ignore_errors=True)
-    tail = (proc.stdout[-2000:] + proc.stderr[-4000:]).strip()
+    tail = (stdout[-2000:] + stderr[-4000:]).strip()
     assert proc.returncode == 0, f"{scenario} failed:\n{tail}"
-    assert f"[faults] {scenario}: OK" in proc.stdout, tail
+    assert f"[faults] {scenario}: OK" in stdout, tail
