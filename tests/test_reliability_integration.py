@@ -238,8 +238,8 @@ def reference(tmp_path_factory) -> str:
     ("sig", "stage", "after_s"),
     [
         (signal.SIGTERM, "ft", 8.0),
-        (signal.SIGKILL, "harvest", 6.0),
-        (signal.SIGKILL, "eval", 6.0),
+        (signal.SIGKILL, "harvest", 4.0),
+        (signal.SIGKILL, "eval", 3.0),
     ],
     ids=["sigterm-ft", "sigkill-harvest", "sigkill-eval"],
 )
