@@ -15,6 +15,7 @@ this stays within a few minutes on two cores; one reference run is shared by eve
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -129,9 +130,10 @@ def run_pipeline(out: str, seed: int = 0, timeout: float = 900) -> float:
     return time.time() - t0
 
 
-def interrupt_pipeline(out: str, stage: str, sig: int, after_s: float) -> str:
-    """Start the pipeline, send ``sig`` to the driver ``after_s`` seconds into ``stage``,
-    then stop the Ray processes the driver left (its process group). Returns its output."""
+def interrupt_pipeline(out: str, stage: str, sig: int, after: float | str) -> str:
+    """Start the pipeline, send ``sig`` to the driver ``after`` seconds into ``stage`` (or,
+    for a string, once that glob under ``out`` matches, plus 5 s), then stop the Ray
+    processes the driver left (its process group). Returns its output."""
     tmp = _ray_tmp()
     proc = subprocess.Popen(
         _cmd(out, 0),
@@ -157,7 +159,13 @@ def interrupt_pipeline(out: str, stage: str, sig: int, after_s: float) -> str:
     try:
         if not started.wait(timeout=600):
             raise AssertionError(f"stage {stage} never started:\n{''.join(lines)[-3000:]}")
-        time.sleep(after_s)
+        if isinstance(after, str):
+            t0 = time.time()
+            while not glob.glob(os.path.join(out, after)) and proc.poll() is None:
+                assert time.time() - t0 < 600, f"{after} never appeared"
+                time.sleep(0.2)
+            after = 5.0  # let Ray Train register the checkpoint it just wrote
+        time.sleep(after)
         assert proc.poll() is None, f"pipeline ended before the {stage} interruption"
         os.kill(proc.pid, sig)
         proc.wait(timeout=120)
@@ -234,18 +242,22 @@ def reference(tmp_path_factory) -> str:
 # ---------------------------------------------------------------------------
 
 
+CHECKPOINT = f"{TASK}/models/.ft-ray/*/checkpoint_*"  # Ray Train's step-4 checkpoint
+
+
 @pytest.mark.parametrize(
-    ("sig", "stage", "after_s"),
+    ("sig", "stage", "after"),
     [
         (signal.SIGTERM, "ft", 8.0),
+        (signal.SIGKILL, "ft", CHECKPOINT),
         (signal.SIGKILL, "harvest", 4.0),
         (signal.SIGKILL, "eval", 3.0),
     ],
-    ids=["sigterm-ft", "sigkill-harvest", "sigkill-eval"],
+    ids=["sigterm-ft", "sigkill-ft-checkpointed", "sigkill-harvest", "sigkill-eval"],
 )
-def test_interrupted_pipeline_reruns_to_identical_results(reference, tmp_path, sig, stage, after_s):
+def test_interrupted_pipeline_reruns_to_identical_results(reference, tmp_path, sig, stage, after):
     out = str(tmp_path / "run")
-    log = interrupt_pipeline(out, stage, sig, after_s)
+    log = interrupt_pipeline(out, stage, sig, after)
     check_nothing_half_written(out)
     stages = json.loads(Path(out, "manifest.json").read_text())["stages"]
     unfinished = {k: v["status"] for k, v in stages.items() if v["status"] != "done"}
@@ -255,6 +267,9 @@ def test_interrupted_pipeline_reruns_to_identical_results(reference, tmp_path, s
         assert set(unfinished.values()) == {"failed"}, unfinished
     run_pipeline(out)
     assert check_nothing_half_written(out) == [], "a rerun must clear interrupted temp files"
+    if after == CHECKPOINT:  # the rerun resumed training from the checkpoint, not from scratch
+        state = json.loads(Path(out, TASK, "models", "ft", "train_state.json").read_text())
+        assert state["resumed_at"] == [4], state
     assert_same_results(reference, out)
 
 
