@@ -68,10 +68,43 @@ def init_ray(cfg: Config) -> None:
     )
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True
-        )
+        return
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(
+                num_cpus=cfg.ray.num_cpus,
+                runtime_env=env,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+            return
+        except Exception as e:
+            # Ray gives a new raylet a fixed 30 s to register; a busy machine can miss that.
+            if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            print(
+                f"[ray] the embedded Ray instance did not start in time (attempt {attempt} of "
+                f"{START_ATTEMPTS}, machine busy?); stopping its processes and retrying",
+                flush=True,
+            )
+            ray.shutdown()
+            _kill_own_ray_daemons()
+            time.sleep(5)
+
+
+START_ATTEMPTS = 3
+
+
+def _kill_own_ray_daemons() -> None:
+    """Kill the Ray daemons (GCS, raylet, agents) this process started in a failed start."""
+    try:
+        import psutil
+    except ImportError:  # Ray depends on psutil; without it a retry may leave them running
+        return
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "/ray/" in " ".join(child.cmdline()):  # gcs_server, raylet, ray's agents
+                child.kill()
 
 
 # ---------------------------------------------------------------------------

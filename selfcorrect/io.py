@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -19,6 +20,35 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+# The only names an interrupted write may leave behind (all hidden, all next to their target):
+# ``.<file>.<random>.tmp`` (write_bytes), ``.<dir>.tmp-<random>`` (staging_dir),
+# ``.<dir>.old-<random>`` (replace_dir) and ``.<dir>-ray`` (Ray Train checkpoints a rerun
+# resumes from; removed once the model is published).
+TEMP_NAME = re.compile(
+    r"^\.(?P<target>.+?)(\.[a-z0-9_]+\.tmp|\.tmp-[a-z0-9_]+|\.old-[a-z0-9_]+|-ray)$"
+)
+
+
+def remove_stale_temps(target: str | Path) -> list[str]:
+    """Delete what an interrupted earlier write of ``target`` left next to it (temp files and
+    staging / replaced directories; never the ``-ray`` checkpoints, which a rerun resumes
+    from). Called before each new write, so a rerun after a kill ends with a clean directory.
+    Returns the removed paths."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for p in target.parent.iterdir():
+        m = TEMP_NAME.match(p.name)
+        if not m or m.group("target") != target.name or p.name.endswith("-ray"):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(str(p))
+    return removed
 
 
 class CorruptFileError(ValueError):
@@ -65,6 +95,7 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -175,6 +206,7 @@ def staging_dir(final_dir: str) -> str:
     """A fresh sibling directory to write into before ``replace_dir``."""
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     return tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)
 
 

@@ -430,13 +430,28 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
 
 
 def _maybe_crash(crash: dict[str, Any] | None, step: int, rank: int) -> None:
-    """Test hook: the chosen rank dies hard once at the chosen step (a marker file records it)."""
+    """Test hook: the chosen rank fails once at the chosen step (a marker file records it).
+
+    ``mode`` "exit" (default): the worker dies hard. "hang": it stops making progress (the
+    marker names its Ray node id, so a multi-node fault test can take that node away).
+    """
     if not crash or rank != crash["rank"] or step != crash["step"]:
         return
     marker = Path(crash["marker"])
     if marker.exists():
         return
-    marker.write_text(f"crashed at step {step}\n")
+    node = ""
+    with contextlib.suppress(Exception):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    # Written whole then renamed: a watcher never reads a half-written marker.
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    tmp.write_text(json.dumps({"step": step, "rank": rank, "node_id": node}))
+    os.replace(tmp, marker)
+    if crash.get("mode", "exit") == "hang":
+        while True:  # until the test removes this worker's node
+            time.sleep(1.0)
     # Ray Train's controller registers a reported checkpoint when it next polls the workers;
     # give it time to do so (on a loaded machine) so the crash tests recovery, not that race.
     time.sleep(float(crash.get("wait_s", 10.0)))

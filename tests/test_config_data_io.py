@@ -231,6 +231,21 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["t.parquet"]
 
 
+def test_rewrite_clears_what_a_killed_write_left(tmp_path):
+    """A SIGKILL between temp file / staging dir and rename leaves designated temp names; the
+    next write of the same target removes them (and only them: not other targets' temps, not
+    the Ray Train checkpoints a rerun resumes from)."""
+    leftovers = [".a.parquet.x1y2z3_4.tmp", ".ft.tmp-abc123de", ".ft.old-0a1b2c3d"]
+    kept = [".b.parquet.q9w8e7r6.tmp", ".ft-ray", "a.parquet.bak"]
+    for name in leftovers + kept:
+        (tmp_path / name).mkdir() if "ft" in name else (tmp_path / name).write_text("partial")
+    assert all(io.TEMP_NAME.match(n) for n in leftovers + kept[:2])
+    assert not io.TEMP_NAME.match("a.parquet.bak")
+    io.write_parquet(str(tmp_path / "a.parquet"), pa.table({"x": [1]}))
+    io.replace_dir(io.staging_dir(str(tmp_path / "ft")), str(tmp_path / "ft"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.parquet", "ft", *kept])
+
+
 def test_data_job_skips_when_done_and_refuses_other_experiment(tmp_path, capsys):
     from rayjobs import data
 
