@@ -59,7 +59,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             ),
         }
     return {
-        "train": dict(steps=10, rounds=3, threads=threads),
+        "train": dict(steps=8, rounds=3, threads=threads),
         "generation": dict(
             n=64, n_single=8, max_new_tokens=96, batch_size=64, rounds=2, threads=threads
         ),

@@ -54,6 +54,7 @@ def measure(
     prefixes = [task.prompt(task.sample_problem(rng)) + "\n" for _ in range(n)]
     model, tok = build_model(preset, max_length=256)
     model.eval()
+    tok.padding_side = "left"  # decoder-only batched generate needs left padding
     with torch.inference_mode():
         if variant == "ours":
             generate(model, tok, prefixes[:4], max_new_tokens=8)
