@@ -38,7 +38,7 @@ NOTES = Path(__file__).with_name("NOTES.md")
 
 
 def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
-    """Arguments of each benchmark's ``run``: full (about 12 min on 2 cores) or smoke-check."""
+    """Arguments of each benchmark's ``run``: full (a few CPU-minutes on 2 idle cores) or smoke check."""
     if quick:
         return {
             "train": dict(steps=2, rounds=1, threads=threads),
@@ -59,13 +59,15 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             ),
         }
     return {
-        "train": dict(steps=8, rounds=3, threads=threads),
+        "train": dict(steps=4, rounds=2, threads=threads),
         "generation": dict(
-            n=64, n_single=8, max_new_tokens=96, batch_size=64, rounds=2, threads=threads
+            n=32, n_single=4, max_new_tokens=64, batch_size=32, rounds=2, threads=threads
         ),
-        "grpo": dict(steps=6, prompts=8, group=8, max_new_tokens=48, rounds=2, threads=threads),
+        "grpo": dict(
+            steps=4, prompts=4, group=8, max_new_tokens=48, ft_steps=100, rounds=2, threads=threads
+        ),
         "coverage": dict(
-            errors=200, samples=10_000, naive_errors=3, naive_samples=1_000, rounds=3, ray_cpus=2
+            errors=100, samples=10_000, naive_errors=2, naive_samples=500, rounds=3, ray_cpus=2
         ),
     }
 
@@ -448,9 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
         print(f"[benchmarks] {name} done in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
         print(json.dumps({"benchmark": name, **results[name]}), flush=True)
-    mach["load_avg_after"] = load_avg()
-    mach["wall_s"] = time.time() - t0
-    Path(args.out).write_text(render(results, mach, args.quick, argv))
+        # Rewrite after each benchmark: an interrupted run still leaves the finished ones.
+        mach["load_avg_after"] = load_avg()
+        mach["wall_s"] = time.time() - t0
+        Path(args.out).write_text(render(results, mach, args.quick, argv))
     print(f"[benchmarks] wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
