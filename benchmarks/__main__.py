@@ -59,7 +59,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             ),
         }
     return {
-        "train": dict(steps=4, rounds=2, threads=threads),
+        "train": dict(steps=3, rounds=3, threads=threads),
         "generation": dict(
             n=32, n_single=4, max_new_tokens=64, batch_size=32, rounds=2, threads=threads
         ),
@@ -199,7 +199,7 @@ def md_generation(r: dict[str, Any]) -> list[str]:
         f"{r['prompts']} prompts of 4x4-digit multiplication ({r['prompts_single']} for "
         f"one-at-a-time), greedy, up to {r['max_new_tokens']} new tokens, batch "
         f"{r['batch_size']}, {r['threads']} threads, {r['rounds']} alternating rounds, each "
-        "variant in a fresh process; peak memory is that process's `ru_maxrss` (and its rise "
+        "variant in a fresh process; peak memory is that process's peak RSS (`VmHWM`; and its rise "
         "over the loaded, warmed-up model).",
         "",
     ]

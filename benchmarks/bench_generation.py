@@ -9,7 +9,7 @@ batched. Throughput does not depend on what an untrained model writes, only on h
 many tokens, so every variant counts the tokens it actually generated.
 
 Each variant runs in a fresh subprocess per round (rounds alternate the variants), so
-``ru_maxrss`` is that variant's own peak resident memory; the report gives it and its
+its peak resident memory (``VmHWM``) is that variant's own; the report gives it and its
 increase over the same process just after loading the model and warming up.
 """
 
@@ -34,6 +34,15 @@ VARIANTS = ("hf_single", "hf_batched", "ours")
 
 
 def _maxrss_mb() -> float:
+    """This process's peak resident memory. ``VmHWM`` rather than ``ru_maxrss``: Linux keeps
+    ``ru_maxrss`` across exec, so a subprocess would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
