@@ -165,6 +165,22 @@ def md_train(r: dict[str, Any]) -> list[str]:
         ],
         rows,
     )
+    spread = []
+    for p in ("fp32", "bf16"):
+        if p in r:
+            rt = r[p]["rates"]
+            for peer in ("trl", "minimal"):
+                if peer in rt:
+                    per = ", ".join(
+                        f"{a / b:.2f}" for a, b in zip(rt["ours"], rt[peer], strict=True)
+                    )
+                    spread.append(f"{p} ours/{peer} {per}")
+    lines += [
+        "",
+        "Per-round ratios (the spread is this shared machine's load noise): "
+        + "; ".join(spread)
+        + ".",
+    ]
     gap = []
     for p in ("fp32", "bf16"):
         if p in r:
@@ -432,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown benchmark(s) {bad}; choose from {','.join(NAMES)}")
     mach = machine(args.threads)
     mach["date"] = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    print(json.dumps({"machine": mach}), flush=True)
     params = _params(args.quick, args.threads)
     t0 = time.time()
     results: dict[str, Any] = {}
