@@ -59,12 +59,12 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             ),
         }
     return {
-        "train": dict(steps=3, rounds=3, threads=threads),
+        "train": dict(steps=3, rounds=5, threads=threads),
         "generation": dict(
             n=32, n_single=4, max_new_tokens=64, batch_size=32, rounds=2, threads=threads
         ),
         "grpo": dict(
-            steps=4, prompts=4, group=8, max_new_tokens=48, ft_steps=100, rounds=2, threads=threads
+            steps=6, prompts=4, group=8, max_new_tokens=48, ft_steps=100, rounds=4, threads=threads
         ),
         "coverage": dict(
             errors=100, samples=10_000, naive_errors=2, naive_samples=500, rounds=3, ray_cpus=2
