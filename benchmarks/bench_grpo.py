@@ -10,7 +10,7 @@ each is warm-up and left out.
 
     .venv/bin/python benchmarks/bench_grpo.py [--steps 6] [--prompts 8] [--group 8]
 
-Prints one JSON line per implementation and the ratio TRL / ours.
+Prints one JSON line: per-implementation timings per round and median ratios TRL / ours.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
@@ -128,7 +131,7 @@ def bench_trl(cfg, task, task_name, prompts, ft_dir, out_dir) -> dict:
         max_steps=g.steps,
         logging_steps=1,
         save_strategy="no",
-        report_to=[],
+        report_to="none",
         use_cpu=True,
         bf16=False,
         seed=cfg.seed,
@@ -173,6 +176,81 @@ def bench_trl(cfg, task, task_name, prompts, ft_dir, out_dir) -> dict:
     return summarise("trl.GRPOTrainer", rows)
 
 
+def run(
+    steps: int = 6,
+    prompts: int = 8,
+    group: int = 8,
+    max_new_tokens: int = 48,
+    preset: str = "nano",
+    ft_steps: int = 200,
+    threads: int = 2,
+    rounds: int = 1,
+) -> dict[str, Any]:
+    """Step time and its split for both implementations; TRL / ours ratios (median of rounds).
+
+    Rounds alternate which implementation goes first, so background load hits both alike.
+    """
+    torch.set_num_threads(threads)
+    task_name = "multiplication"
+    cfg = load_config(
+        os.path.join(REPO, "configs", "smoke.yaml"),
+        [
+            f"tasks=[{task_name}]",
+            "multiplication.digits_b=1",
+            f"grpo.steps={steps}",
+            f"grpo.prompts_per_step={prompts}",
+            f"grpo.group_size={group}",
+            f"grpo.max_new_tokens={max_new_tokens}",
+            "grpo.eval_problems=0",
+            "train.zero_stage=0",
+            f"train.cpus_per_worker={threads}",
+        ],
+    )
+    task = get_task(task_name, **cfg.task_options(task_name))
+    train = make_splits(task, 60, 16, cfg.seed)["train"]
+    prompt_list = train.column("prompt").to_pylist()
+    res: dict[str, Any] = {
+        "preset": preset,
+        "prompts": prompts,
+        "group": group,
+        "max_new_tokens": max_new_tokens,
+        "steps_timed": steps - 1,
+        "threads": threads,
+        "rounds": rounds,
+        "ours": [],
+        "trl": [],
+    }
+    with tempfile.TemporaryDirectory() as d:
+        ft_dir = os.path.join(d, "ft")
+        quick_ft(task, load_problems(task, train), ft_dir, preset, ft_steps)
+        for r in range(rounds):
+            for side in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
+                torch.set_num_threads(threads)
+                if side == "ours":
+                    res["ours"].append(bench_ours(cfg, task_name, prompt_list, ft_dir))
+                else:
+                    out = os.path.join(d, f"trl{r}")
+                    res["trl"].append(bench_trl(cfg, task, task_name, prompt_list, ft_dir, out))
+
+    def ratio(key: str, inverse: bool = False) -> float:
+        vals = [
+            (o[key] / t[key]) if inverse else (t[key] / o[key])
+            for o, t in zip(res["ours"], res["trl"], strict=True)
+        ]
+        return round(statistics.median(vals), 3)
+
+    res["step_time_trl_over_ours"] = ratio("step_s")
+    res["generation_time_trl_over_ours"] = ratio("generation_s")
+    res["update_time_trl_over_ours"] = ratio("update_s")
+    res["rollout_tokens_per_s_ours_over_trl"] = ratio("rollout_tokens_per_s", inverse=True)
+    for side in ("ours", "trl"):
+        res[f"{side}_median"] = {
+            k: statistics.median(x[k] for x in res[side])
+            for k in ("step_s", "generation_s", "update_s", "other_s", "rollout_tokens_per_s")
+        }
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=6)
@@ -181,45 +259,20 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--preset", default="nano")
     ap.add_argument("--ft-steps", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    task_name = "multiplication"
-    cfg = load_config(
-        os.path.join(REPO, "configs", "smoke.yaml"),
-        [
-            f"tasks=[{task_name}]",
-            "multiplication.digits_b=1",
-            f"grpo.steps={args.steps}",
-            f"grpo.prompts_per_step={args.prompts}",
-            f"grpo.group_size={args.group}",
-            f"grpo.max_new_tokens={args.max_new_tokens}",
-            "grpo.eval_problems=0",
-            "train.zero_stage=0",
-            f"train.cpus_per_worker={args.threads}",
-        ],
+    res = run(
+        args.steps,
+        args.prompts,
+        args.group,
+        args.max_new_tokens,
+        args.preset,
+        args.ft_steps,
+        args.threads,
+        args.rounds,
     )
-    task = get_task(task_name, **cfg.task_options(task_name))
-    train = make_splits(task, 60, 16, cfg.seed)["train"]
-    prompts = train.column("prompt").to_pylist()
-    with tempfile.TemporaryDirectory() as d:
-        ft_dir = os.path.join(d, "ft")
-        quick_ft(task, load_problems(task, train), ft_dir, args.preset, args.ft_steps)
-        ours = bench_ours(cfg, task_name, prompts, ft_dir)
-        print(json.dumps(ours), flush=True)
-        trl = bench_trl(cfg, task, task_name, prompts, ft_dir, os.path.join(d, "trl"))
-        print(json.dumps(trl), flush=True)
-    ratio = {
-        "step_time_trl_over_ours": round(trl["step_s"] / ours["step_s"], 2),
-        "generation_time_trl_over_ours": round(trl["generation_s"] / ours["generation_s"], 2),
-        "update_time_trl_over_ours": round(trl["update_s"] / ours["update_s"], 2),
-        "rollout_tokens_per_s_ours_over_trl": round(
-            ours["rollout_tokens_per_s"] / trl["rollout_tokens_per_s"], 2
-        ),
-        "machine": "2-core CPU, no GPU (shared with other jobs), fp32, torch threads="
-        + str(args.threads),
-    }
-    print(json.dumps(ratio))
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

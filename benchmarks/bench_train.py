@@ -1,18 +1,23 @@
-"""Training throughput: the project's loop vs a minimal PyTorch loop, fp32 vs bf16, MFU.
+"""Supervised training throughput: our loop vs TRL ``SFTTrainer`` vs a minimal loop, fp32/bf16, MFU.
 
-python benchmarks/bench_train.py [--preset tiny] [--steps 20] [--threads 2] [--rounds 3]
+    python benchmarks/bench_train.py [--config configs/tiny.yaml] [--steps 10] [--rounds 3]
 
-* framework overhead: ``selfcorrect.training.run_training`` (in-process session,
-  on-the-fly example building, global-batch loss normalisation, metrics) against
-  a minimal loop (pre-encoded batches, plain ``loss.backward(); opt.step()``) on
-  the same model, data, batch shape and thread count. The two alternate for
-  ``--rounds`` rounds and the median ratio is reported, so background load hits
-  both alike.
-* fp32 vs bf16 autocast tokens/s for both loops.
-* MFU: model FLOPs (6 * params * tokens + attention) per second over a measured
-  fp32 (and bf16) matmul peak on this machine.
+Three sides on the same random-init model (``build_model``, same seed), the same EIFT
+examples (``ExampleStream(cfg, task, "eift", ...)``: masked loss on wrong steps), the
+same batch size, thread count and number of steps:
 
-Writes a JSON line to stdout; figures go into BENCHMARKS.md by hand.
+* ours: ``selfcorrect.training.run_training`` in one process (examples built on the fly,
+  global-batch loss normalisation, metrics every step);
+* TRL: ``trl.SFTTrainer`` on the same examples pre-tokenised, ``labels`` = input_ids with
+  -100 where our loss weight is 0, sequential sampler (same batches), no gradient
+  checkpointing (ours does not checkpoint either);
+* minimal: a bare ``loss.backward(); opt.step()`` loop on pre-collated batches (the floor
+  for framework overhead).
+
+Each side runs ``steps + 1`` steps; the first is warm-up. The sides alternate for
+``rounds`` rounds and the median of per-round ratios is reported. MFU: model FLOPs
+(6 x params + attention, per token) x tokens/s over a dense-matmul peak measured in
+the same process (fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -21,16 +26,21 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import alternate, load_avg, matmul_peak, median_ratio  # noqa: E402
 from selfcorrect.config import load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.loss import collate, weighted_lm_loss  # noqa: E402
@@ -38,99 +48,211 @@ from selfcorrect.models import build_model, count_params  # noqa: E402
 from selfcorrect.tasks import get_task  # noqa: E402
 from selfcorrect.training import ExampleStream, LocalSession, run_training  # noqa: E402
 
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
-    """Measured dense matmul FLOP/s (the MFU denominator)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+SIDES = ("ours", "trl", "minimal")
 
 
-def minimal_loop(cfg, stream: ExampleStream, steps: int, bf16: bool) -> tuple[float, float]:
-    """(tokens, seconds) of a bare PyTorch loop over the same examples (pre-encoded)."""
+def _tokens(batch: list[dict[str, Any]]) -> float:
+    return float(sum(len(e["input_ids"]) for e in batch))
+
+
+def minimal_loop(cfg: Any, batches: list[list[dict[str, Any]]], bf16: bool) -> float:
+    """Tokens/s of a bare PyTorch loop over pre-collated batches (first batch = warm-up)."""
     model, tok = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    batches = [collate(stream.local_batch(s, 0, 1), tok.pad_token_id) for s in range(steps)]
-    tokens = 0.0
-    t = time.perf_counter()
-    for b in batches:
+    coll = [collate(b, tok.pad_token_id) for b in batches]
+    t = 0.0
+    for i, b in enumerate(coll):
+        if i == 1:
+            t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss, _ = weighted_lm_loss(logits, b, b["loss_weight"][:, 1:].sum())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += float(b["attention_mask"].sum())
-    return tokens, time.perf_counter() - t
+    return sum(_tokens(b) for b in batches[1:]) / (time.perf_counter() - t)
+
+
+def ours_loop(cfg: Any, task: str, method: str, prompts: list[str], steps: int) -> float:
+    """Tokens/s of ``run_training`` as the loop measures each step (first step = warm-up)."""
+    session = LocalSession()
+    config = {
+        "cfg": cfg.to_dict(),
+        "task": task,
+        "method": method,
+        "prompts": prompts,
+        "max_steps": steps + 1,
+    }
+    try:
+        run_training(config, session)
+    finally:
+        shutil.rmtree(session.root, ignore_errors=True)
+    reps = session.reports[1:]
+    tokens = sum(r["tokens_per_s"] * r["step_s"] for r in reps)
+    return tokens / sum(r["step_s"] for r in reps)
+
+
+def trl_loop(cfg: Any, batches: list[list[dict[str, Any]]], bf16: bool, threads: int) -> float:
+    """Tokens/s of TRL ``SFTTrainer`` on the same batches, wall time between step ends."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
+    flat = [e for b in batches for e in b]
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [e["input_ids"].tolist() for e in flat],
+            "labels": [
+                [
+                    int(t) if w > 0 else -100
+                    for t, w in zip(e["input_ids"], e["loss_weight"], strict=True)
+                ]
+                for e in flat
+            ],
+        }
+    )
+    ends: list[float] = []
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, *a: Any, **kw: Any) -> None:
+            ends.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as d:
+        args = SFTConfig(
+            output_dir=d,
+            per_device_train_batch_size=len(batches[0]),
+            gradient_accumulation_steps=1,
+            max_steps=len(batches),
+            learning_rate=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            lr_scheduler_type="constant",
+            max_length=cfg.model.max_length,
+            train_sampling_strategy="sequential",
+            gradient_checkpointing=False,
+            bf16=bf16,
+            use_cpu=True,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=cfg.seed,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepEnd()]
+        )
+        torch.set_num_threads(threads)  # accelerate may change it
+        trainer.train()
+    return sum(_tokens(b) for b in batches[1:]) / (ends[-1] - ends[0])
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
+    """Training FLOPs per token: 6 x params (matmuls) + 12 x layers x seq_len x width (attention)."""
+    c = model.config
+    return 6 * count_params(model) + 12 * c.num_hidden_layers * seq_len * c.hidden_size
+
+
+def run(
+    config: str = "configs/tiny.yaml",
+    task: str = "multiplication",
+    method: str = "eift",
+    steps: int = 10,
+    threads: int = 2,
+    rounds: int = 3,
+    overrides: Sequence[str] = (),
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    with_trl: bool = True,
+) -> dict[str, Any]:
+    """Tokens/s per side and precision, median ratios, matmul peaks and MFU."""
+    torch.set_num_threads(threads)
+    res: dict[str, Any] = {
+        "config": config,
+        "task": task,
+        "method": method,
+        "steps": steps,
+        "rounds": rounds,
+        "threads": threads,
+        "load_avg_start": load_avg(),
+    }
+    for name in precisions:
+        bf16 = name == "bf16"
+        cfg = load_config(
+            config,
+            [
+                *overrides,
+                f"train.bf16={str(bf16).lower()}",
+                f"train.cpus_per_worker={threads}",
+                "train.checkpoint_every=0",
+                "train.log_every=1",
+                "train.warmup_steps=1",
+                f"train.max_steps={steps + 1}",
+            ],
+        )
+        t = get_task(task, **cfg.task_options(task))
+        prompts = make_splits(t, 2000, 10, cfg.seed)["train"].column("prompt").to_pylist()
+        model, tok = build_model(cfg.model.preset, cfg.model.max_length)
+        stream = ExampleStream(cfg, task, method, prompts, tok)
+        batches = [stream.local_batch(s, 0, 1) for s in range(steps + 1)]
+        sides = {
+            "ours": lambda cfg=cfg, prompts=prompts: ours_loop(cfg, task, method, prompts, steps),
+            "minimal": lambda cfg=cfg, b=batches, bf16=bf16: minimal_loop(cfg, b, bf16),
+        }
+        if with_trl:
+            sides["trl"] = lambda cfg=cfg, b=batches, bf16=bf16: trl_loop(cfg, b, bf16, threads)
+        med, rates = alternate(sides, rounds)
+        torch.set_num_threads(threads)
+        seq = sum(max(len(e["input_ids"]) for e in b) for b in batches) / len(batches)
+        fpt = flops_per_token(model, seq)
+        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+        res[name] = {
+            "tokens_per_s": med,
+            "rates": rates,
+            "ours_over_minimal": median_ratio(rates, "ours", "minimal"),
+            "ours_over_trl": median_ratio(rates, "ours", "trl") if with_trl else None,
+            "batch_size": cfg.train.batch_size,
+            "mean_padded_len": seq,
+            "tokens_per_step": sum(_tokens(b) for b in batches) / len(batches),
+            "flops_per_token": fpt,
+            "matmul_peak_flops": peak,
+            "mfu_ours": med["ours"] * fpt / peak,
+            "mfu_minimal": med["minimal"] * fpt / peak,
+        }
+        res["params"] = count_params(model)
+        res["preset"] = cfg.model.preset
+    if "fp32" in res and "bf16" in res:
+        res["bf16_over_fp32_ours"] = (
+            res["bf16"]["tokens_per_s"]["ours"] / res["fp32"]["tokens_per_s"]["ours"]
+        )
+        res["bf16_over_fp32_matmul"] = (
+            res["bf16"]["matmul_peak_flops"] / res["fp32"]["matmul_peak_flops"]
+        )
+    res["load_avg_end"] = load_avg()
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--task", default="multiplication")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--method", default="eift")
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    res: dict = {"threads": args.threads, "load_avg_start": os.getloadavg()[0]}
-    for bf16 in (False, True):
-        cfg = load_config(
-            args.config,
-            [
-                *args.overrides,
-                f"train.bf16={str(bf16).lower()}",
-                f"train.cpus_per_worker={args.threads}",
-                "train.checkpoint_every=0",
-                "train.log_every=1",
-                "train.warmup_steps=1",
-                f"train.max_steps={args.steps}",
-            ],
-        )
-        task = get_task(args.task, **cfg.task_options(args.task))
-        prompts = make_splits(task, 2000, 10, cfg.seed)["train"].column("prompt").to_pylist()
-        _, tok = build_model(cfg.model.preset, cfg.model.max_length)
-        stream = ExampleStream(cfg, args.task, "ft", prompts, tok)
-        ratios, ours, base = [], [], []
-        for _ in range(args.rounds):
-            tb, sb = minimal_loop(cfg, stream, args.steps, bf16)
-            session = LocalSession()
-            config = {
-                "cfg": cfg.to_dict(),
-                "task": args.task,
-                "method": "ft",
-                "prompts": prompts,
-                "max_steps": args.steps,
-            }
-            run_training(config, session)
-            shutil.rmtree(session.root, ignore_errors=True)
-            # Per-step wall time as the loop measures it (example building included,
-            # model construction excluded, as in the baseline).
-            to = sum(r["tokens_per_s"] * r["step_s"] for r in session.reports)
-            so = sum(r["step_s"] for r in session.reports)
-            ours.append(to / so)
-            base.append(tb / sb)
-            ratios.append((to / so) / (tb / sb))
-        name = "bf16" if bf16 else "fp32"
-        res[f"{name}_tokens_per_s_ours"] = statistics.median(ours)
-        res[f"{name}_tokens_per_s_minimal"] = statistics.median(base)
-        res[f"{name}_ratio"] = statistics.median(ratios)
-    model, _ = build_model(cfg.model.preset, cfg.model.max_length)
-    n = count_params(model)
-    res["params"] = n
-    res["peak_fp32_flops"] = matmul_peak(torch.float32)
-    res["peak_bf16_flops"] = matmul_peak(torch.bfloat16)
-    flops_per_token = 6 * n  # attention adds < 5% at these lengths and widths
-    for name in ("fp32", "bf16"):
-        res[f"{name}_mfu"] = (
-            res[f"{name}_tokens_per_s_ours"] * flops_per_token / res[f"peak_{name}_flops"]
-        )
-    res["load_avg_end"] = os.getloadavg()[0]
+    res = run(
+        args.config,
+        args.task,
+        args.method,
+        args.steps,
+        args.threads,
+        args.rounds,
+        args.overrides,
+        with_trl=not args.no_trl,
+    )
     print(json.dumps(res))
 
 

@@ -1,0 +1,479 @@
+"""Run every benchmark on this machine and rewrite BENCHMARKS.md.
+
+    python -m benchmarks [--only train,generation,grpo,coverage,pipeline] [--quick]
+                         [--out BENCHMARKS.md] [--tiny-run runs/tiny] [--threads 2]
+
+Every figure in the file is a ratio measured side by side in this one run (the sides
+alternate per round; medians of rounds), next to the machine it ran on and the load
+average before and after. ``--quick`` uses tiny step counts: a smoke check that the
+benchmarks and the report still work, not numbers to quote. Hand-written notes that are
+not benchmark tables live in ``benchmarks/NOTES.md`` and are appended under "Notes".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import cpu_info, load_avg  # noqa: E402
+
+NAMES = ("train", "generation", "grpo", "coverage", "pipeline")
+NOTES = Path(__file__).with_name("NOTES.md")
+
+
+def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
+    """Arguments of each benchmark's ``run``: full (a few CPU-minutes on 2 idle cores) or smoke check."""
+    if quick:
+        return {
+            "train": dict(steps=2, rounds=1, threads=threads),
+            "generation": dict(
+                n=8, n_single=2, max_new_tokens=16, batch_size=8, rounds=1, threads=threads
+            ),
+            "grpo": dict(
+                steps=2,
+                prompts=2,
+                group=2,
+                max_new_tokens=16,
+                ft_steps=5,
+                rounds=1,
+                threads=threads,
+            ),
+            "coverage": dict(
+                errors=10, samples=500, naive_errors=1, naive_samples=200, rounds=1, ray_cpus=0
+            ),
+        }
+    return {
+        "train": dict(steps=3, rounds=5, threads=threads),
+        "generation": dict(
+            n=32, n_single=4, max_new_tokens=64, batch_size=32, rounds=2, threads=threads
+        ),
+        "grpo": dict(
+            steps=6, prompts=4, group=8, max_new_tokens=48, ft_steps=100, rounds=4, threads=threads
+        ),
+        "coverage": dict(
+            errors=100, samples=10_000, naive_errors=2, naive_samples=500, rounds=3, ray_cpus=2
+        ),
+    }
+
+
+def _runner(name: str) -> Callable[..., dict[str, Any]]:
+    if name == "train":
+        from benchmarks.bench_train import run
+    elif name == "generation":
+        from benchmarks.bench_generation import run
+    elif name == "grpo":
+        from benchmarks.bench_grpo import run
+    elif name == "coverage":
+        from benchmarks.bench_coverage import run
+    else:
+        from benchmarks.pipeline_times import run
+    return run
+
+
+def machine(threads: int) -> dict[str, Any]:
+    import torch
+
+    info = cpu_info()
+    return {
+        **info,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load_avg_before": load_avg(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+
+def _n(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"**{x:.2f}x**"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def md_train(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"`benchmarks/bench_train.py`: `{r['method']}` examples ({r['task']}, `{r['config']}`, "
+        f"preset `{r['preset']}`, {r['params']:,} params), batch "
+        f"{r.get('fp32', r.get('bf16', {})).get('batch_size')}, {r['steps']} timed steps after "
+        f"one warm-up step, {r['threads']} threads, {r['rounds']} alternating rounds. Ours: "
+        "`selfcorrect.training.run_training` in one process. TRL: `SFTTrainer` on the same "
+        "examples pre-tokenised, `labels` = input_ids with -100 where our loss weight is 0, "
+        "sequential sampler, gradient checkpointing off (TRL's default is on; ours has none). "
+        "Minimal: bare forward/backward/AdamW on pre-collated batches (the overhead floor). "
+        "Tokens are non-padding tokens.",
+        "",
+    ]
+    rows = []
+    for p in ("fp32", "bf16"):
+        if p not in r:
+            continue
+        q = r[p]
+        t = q["tokens_per_s"]
+        rows.append(
+            [
+                p,
+                _n(t["ours"]),
+                _n(t.get("trl")),
+                _n(t["minimal"]),
+                _x(q.get("ours_over_trl")),
+                _x(q["ours_over_minimal"]),
+                f"{100 * q['mfu_ours']:.1f}%",
+                f"{100 * q['mfu_minimal']:.1f}%",
+                _n(q["matmul_peak_flops"] / 1e9, 1),
+            ]
+        )
+    lines += _table(
+        [
+            "precision",
+            "ours tokens/s",
+            "TRL SFTTrainer tokens/s",
+            "minimal loop tokens/s",
+            "ours / TRL",
+            "ours / minimal",
+            "MFU ours",
+            "MFU minimal",
+            "matmul peak GFLOP/s",
+        ],
+        rows,
+    )
+    spread = []
+    for p in ("fp32", "bf16"):
+        if p in r:
+            rt = r[p]["rates"]
+            for peer in ("trl", "minimal"):
+                if peer in rt:
+                    per = ", ".join(
+                        f"{a / b:.2f}" for a, b in zip(rt["ours"], rt[peer], strict=True)
+                    )
+                    spread.append(f"{p} ours/{peer} {per}")
+    lines += [
+        "",
+        "Per-round ratios (the spread is this shared machine's load noise): "
+        + "; ".join(spread)
+        + ".",
+    ]
+    gap = []
+    for p in ("fp32", "bf16"):
+        if p in r:
+            q = r[p]
+            gap.append(
+                f"{p}: ours at {100 * q['mfu_ours']:.1f}% of the measured 1024^3 {p} matmul peak "
+                f"({q['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; model FLOPs "
+                f"{q['flops_per_token'] / 1e6:.1f} M/token at {q['mean_padded_len']:.0f} tokens "
+                "per padded row)"
+            )
+    lines += ["", "**Gap to hardware:** " + "; ".join(gap) + "."]
+    if "bf16_over_fp32_ours" in r:
+        lines.append(
+            f"bf16 / fp32: matmul peak {r['bf16_over_fp32_matmul']:.1f}x, our loop "
+            f"{r['bf16_over_fp32_ours']:.2f}x (a {r['params'] / 1e6:.1f} M-param model's "
+            "matmuls are too small to reach the peak; per-op overhead and the non-matmul work "
+            "- norms, softmax, optimizer - do not speed up with bf16)."
+        )
+    return lines
+
+
+VARIANT_NAMES = {
+    "hf_single": "HF `generate`, one prompt at a time",
+    "hf_batched": "HF `generate`, batched, default settings",
+    "ours": "`selfcorrect.generate`, batched",
+}
+
+
+def md_generation(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"`benchmarks/bench_generation.py`: preset `{r['preset']}` (random init), "
+        f"{r['prompts']} prompts of 4x4-digit multiplication ({r['prompts_single']} for "
+        f"one-at-a-time), greedy, up to {r['max_new_tokens']} new tokens, batch "
+        f"{r['batch_size']}, {r['threads']} threads, {r['rounds']} alternating rounds, each "
+        "variant in a fresh process; peak memory is that process's peak RSS (`VmHWM`; and its rise "
+        "over the loaded, warmed-up model).",
+        "",
+    ]
+    v = r["variants"]
+    ratio_single = {
+        "hf_single": 1.0,
+        "hf_batched": r["hf_batched_over_single"],
+        "ours": r["ours_over_single"],
+    }
+    ratio_batched = {"hf_batched": 1.0, "ours": r["ours_over_hf_batched"]}
+    rows = [
+        [
+            VARIANT_NAMES[k],
+            _n(v[k]["tokens_per_s"]),
+            _x(ratio_single[k]),
+            _x(ratio_batched.get(k)),
+            _n(v[k]["rss_peak_mb"]),
+            _n(v[k]["rss_increase_mb"], 1),
+        ]
+        for k in ("hf_single", "hf_batched", "ours")
+    ]
+    return lines + _table(
+        [
+            "method",
+            "tokens/s",
+            "vs one at a time",
+            "vs HF batched",
+            "peak RSS MB",
+            "RSS rise while generating MB",
+        ],
+        rows,
+    )
+
+
+def md_grpo(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"`benchmarks/bench_grpo.py`: ours (`selfcorrect.grpo.grpo_local`, ZeRO stage 0 in one "
+        f"process) vs TRL `GRPOTrainer`, same briefly fine-tuned `{r['preset']}` model, "
+        f"{r['prompts']} prompts x {r['group']} samples, up to {r['max_new_tokens']} completion "
+        f"tokens, one update per rollout batch, fp32, {r['threads']} threads; "
+        f"{r['steps_timed']} steps timed after one warm-up, {r['rounds']} alternating rounds "
+        "(medians). TRL's generation time includes its old-policy and reference log-prob "
+        "passes; ours counts the reference pass under update: compare step times.",
+        "",
+    ]
+    rows = []
+    for side, name in (("ours", "selfcorrect"), ("trl", "TRL GRPOTrainer")):
+        m = r[f"{side}_median"]
+        rows.append(
+            [
+                name,
+                _n(m["step_s"], 3),
+                _n(m["generation_s"], 3),
+                _n(m["update_s"], 3),
+                _n(m["other_s"], 3),
+                _n(m["rollout_tokens_per_s"]),
+            ]
+        )
+    lines += _table(
+        ["impl", "step s", "generation s", "update s", "other s", "rollout tokens/s"], rows
+    )
+    lines += [
+        "",
+        f"TRL / ours: step time {_x(r['step_time_trl_over_ours'])}, generation "
+        f"{_x(r['generation_time_trl_over_ours'])}, update {_x(r['update_time_trl_over_ours'])}; "
+        f"rollout tokens/s ours / TRL {_x(r['rollout_tokens_per_s_ours_over_trl'])}.",
+    ]
+    return lines
+
+
+def md_coverage(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"`benchmarks/bench_coverage.py`: {r['errors']} errors x {r['samples']:,} synthetic "
+        "samples each at random golden states (4x4-digit multiplication, 4x4 Sudoku; 10% "
+        "malformed `other` lines). Reference: the one-sample injector `sample_error` per "
+        f"sample, compared as strings ({r['naive_errors']} errors x {r['naive_samples']:,} "
+        "samples; its cost per sample does not depend on the error). Vectorised: "
+        f"`coverage_batch` in this process, one core. {r['rounds']} alternating rounds."
+        + (
+            f" Ray Data: the `coverage` stage on a local Ray with {r['ray_cpus']} CPUs, after a "
+            f"warm-up dataset (cold start {r['ray_cold_start_s']:.1f} s, paid once per pipeline)."
+            if r.get("ray_cpus")
+            else ""
+        ),
+        "",
+    ]
+    rows = []
+    for name, t in r["tasks"].items():
+        s = t["samples_per_s"]
+        rows.append(
+            [
+                name,
+                _n(s["naive"]),
+                _n(s["vectorised"]),
+                _x(t["vectorised_over_naive"]),
+                _n(s.get("ray_data")),
+                _x(t.get("ray_data_over_naive")),
+            ]
+        )
+    return lines + _table(
+        [
+            "task",
+            "reference samples/s",
+            "vectorised samples/s",
+            "vectorised / reference",
+            "Ray Data stage samples/s",
+            "Ray Data / reference",
+        ],
+        rows,
+    )
+
+
+def md_pipeline(r: dict[str, Any]) -> list[str]:
+    if not r.get("found"):
+        where = f" (looked in `{r['run_dir']}`)" if r.get("run_dir") else ""
+        return [
+            f"Not measured in this run{where}: the `tiny` pipeline takes ~30 min, so the runner "
+            "reads an existing run's `manifest.json`. Produce one with "
+            "`python -m rayjobs.pipeline --config configs/tiny.yaml --output-dir runs/tiny`, "
+            "then `python -m benchmarks --only pipeline --tiny-run runs/tiny` (or a full run).",
+        ]
+    when = (
+        dt.datetime.fromtimestamp(r["finished"]).strftime("%Y-%m-%d %H:%M")
+        if r.get("finished")
+        else "unfinished"
+    )
+    lines = [
+        f"Read from `{r['run_dir']}/manifest.json` (pipeline finished {when}; not rerun by "
+        "this command, so the machine load of that run applies, not the one above).",
+        "",
+    ]
+    if r.get("steps"):
+        rows = [[k, _n(v, 1)] for k, v in r["steps"].items()]
+        rows.append(["**total**", _n(r.get("total_seconds"), 1)])
+        lines += _table(["step", "wall s"], rows) + [""]
+    rows = [[k, _n(v["seconds"], 1), str(v["status"])] for k, v in r["stages"].items()]
+    return lines + _table(["stage", "seconds", "status"], rows)
+
+
+RENDER = {
+    "train": ("Supervised training (EIFT, masked loss)", md_train),
+    "generation": ("Generation (harvest / eval)", md_generation),
+    "grpo": ("GRPO step", md_grpo),
+    "coverage": ("Coverage sampling", md_coverage),
+    "pipeline": ("Whole `tiny` pipeline: wall time per stage", md_pipeline),
+}
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """One row per comparison: our figure over the peer's, measured in this run."""
+    rows: list[list[str]] = []
+
+    def add(what: str, peer: str, ratio: float | None) -> None:
+        if ratio is not None:
+            rows.append([what, peer, _x(ratio), "yes" if ratio >= 1.0 else "**no**"])
+
+    tr = results.get("train", {})
+    for p in ("fp32", "bf16"):
+        if isinstance(tr.get(p), dict):
+            add(f"training tokens/s, {p}", "TRL SFTTrainer", tr[p].get("ours_over_trl"))
+            add(f"training tokens/s, {p}", "minimal PyTorch loop", tr[p].get("ours_over_minimal"))
+    g = results.get("generation", {})
+    if "ours_over_single" in g:
+        add("generation tokens/s", "HF generate, one at a time", g["ours_over_single"])
+        add("generation tokens/s", "HF generate, batched", g["ours_over_hf_batched"])
+    gr = results.get("grpo", {})
+    if "step_time_trl_over_ours" in gr:
+        add("GRPO step time (TRL s / ours s)", "TRL GRPOTrainer", gr["step_time_trl_over_ours"])
+    for name, t in results.get("coverage", {}).get("tasks", {}).items():
+        add(f"coverage samples/s, {name}", "one-sample reference", t["vectorised_over_naive"])
+    if not rows:
+        return []
+    return _table(["figure", "peer", "ours / peer", "at or above peer"], rows)
+
+
+def render(results: dict[str, Any], mach: dict[str, Any], quick: bool, argv: list[str]) -> str:
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in mach["flags"].items())
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python -m benchmarks`; edit benchmarks/__main__.py or "
+        "benchmarks/NOTES.md, not this file. -->",
+        "",
+        f"Generated {mach['date']} by `python -m benchmarks {' '.join(argv)}`"
+        + (" (**--quick: smoke-check step counts, not figures to quote**)" if quick else "")
+        + f" in {mach['wall_s'] / 60:.1f} min.",
+        "",
+        f"**Machine:** {mach['cpu']}, {mach['cores']} logical cores ({flags}); no GPU used; "
+        f"Python {mach['python']}, torch {mach['torch']}, {mach['threads']} torch threads; "
+        f"load average {mach['load_avg_before']} before, {mach['load_avg_after']} after "
+        "(the machine is shared: absolute numbers move with load, ratios are measured side by "
+        "side within one run, alternating the sides per round).",
+        "",
+    ]
+    head = headline(results)
+    if head:
+        lines += ["## Summary", ""] + head + [""]
+    for name in NAMES:
+        if name not in results:
+            continue
+        title, fn = RENDER[name]
+        lines += [f"## {title}", ""]
+        r = results[name]
+        if "error" in r:
+            lines += [f"Failed in this run: `{r['error']}`", ""]
+        else:
+            lines += fn(r) + [""]
+    if NOTES.exists():
+        lines += ["## Notes", "", NOTES.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument("--only", default=",".join(NAMES), help="comma list of " + ",".join(NAMES))
+    ap.add_argument("--quick", action="store_true", help="small step counts (smoke check)")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    default_run = REPO / "runs" / "tiny"
+    ap.add_argument(
+        "--tiny-run",
+        default=str(default_run) if default_run.exists() else None,
+        help="pipeline output dir whose manifest.json gives per-stage seconds",
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in NAMES]
+    if bad:
+        ap.error(f"unknown benchmark(s) {bad}; choose from {','.join(NAMES)}")
+    mach = machine(args.threads)
+    mach["date"] = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    print(json.dumps({"machine": mach}), flush=True)
+    params = _params(args.quick, args.threads)
+    t0 = time.time()
+    results: dict[str, Any] = {}
+    failed = False
+    for name in NAMES:
+        if name not in only:
+            continue
+        kw = {"run_dir": args.tiny_run} if name == "pipeline" else params[name]
+        print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
+        t = time.time()
+        try:
+            results[name] = _runner(name)(**kw)
+        except Exception as e:  # one failing benchmark must not lose the others' figures
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            failed = True
+        print(f"[benchmarks] {name} done in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        print(json.dumps({"benchmark": name, **results[name]}), flush=True)
+        # Rewrite after each benchmark: an interrupted run still leaves the finished ones.
+        mach["load_avg_after"] = load_avg()
+        mach["wall_s"] = time.time() - t0
+        Path(args.out).write_text(render(results, mach, args.quick, argv))
+    print(f"[benchmarks] wrote {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""``python -m benchmarks`` end to end on its cheapest subset (no timing assertions)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_runner_writes_machine_line_and_ratio_table(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "coverage,pipeline"]
+        + ["--out", str(out), "--tiny-run", str(tmp_path / "no-run")],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    text = out.read_text()
+    assert "**Machine:**" in text and "torch" in text and "load average" in text
+    assert "| task | reference samples/s | vectorised samples/s | vectorised / reference" in text
+    assert "| multiplication |" in text and "| sudoku |" in text
+    assert "Not measured in this run" in text  # no tiny run manifest given
+    assert "## Notes" in text  # hand-written notes appended
+
+
+def test_pipeline_section_reads_manifest(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.__main__ import md_pipeline
+    from benchmarks.pipeline_times import run
+
+    m = {
+        "stages": {"multiplication/base": {"status": "done", "seconds": 549.0}},
+        "pipeline": {"steps": {"ft": 952.0}, "total_seconds": 1800.0, "finished": 0},
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    r = run(str(tmp_path))
+    assert r["found"] and r["stages"]["multiplication/base"]["seconds"] == 549.0
+    text = "\n".join(md_pipeline(r))
+    assert "| ft | 952.0 |" in text and "| multiplication/base | 549.0 | done |" in text
