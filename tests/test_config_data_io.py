@@ -62,7 +62,7 @@ def test_bf16_is_true_false_or_auto_and_auto_follows_the_hardware():
         ("train=5", "config section 'train' must be a mapping"),
         ("train.lr=-1", "'train.lr': must be > 0"),
         ("train.batch_size=abc", "'train.batch_size': expected an integer, got 'abc'"),
-        ("train.bf16=maybe", "'train.bf16': expected true/false"),
+        ("train.use_gpu=maybe", "'train.use_gpu': expected true/false"),
         ("tasks=sudoku", r"'tasks': expected a list.*tasks=\[sudoku\]"),
         ("tasks=[]", "name at least one task"),
         ("seed=-1", "'seed': must be >= 0"),
