@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -260,7 +261,6 @@ def run(ctx: JobContext) -> list[str]:
             f"{ctx.output_dir}/<task>/models/; run training first (python -m rayjobs.train)"
         )
     init_ray(cfg)
-    summaries: list[pd.DataFrame] = []
     written = []
     for task in cfg.tasks:
         skipped = [m for m in cfg.eval.models if m not in found[task]]
@@ -283,11 +283,36 @@ def run(ctx: JobContext) -> list[str]:
             path = ctx.path(task, "eval", "summary.parquet")
             io.write_parquet(path, s)
             written.append(path)
-            summaries.append(s)
-    path = ctx.path("eval_summary.parquet")
-    io.write_parquet(path, pd.concat(summaries, ignore_index=True))
-    written.append(path)
+    written.append(write_run_summary(ctx))
     return written
+
+
+_SUMMARY_LOCK = threading.Lock()  # the pipeline evaluates tasks in concurrent driver threads
+
+
+def write_run_summary(ctx: JobContext) -> str:
+    """``eval_summary.parquet`` from every ``<task>/eval/summary.parquet`` of the run's tasks.
+
+    The run's tasks are those of its resolved ``config.yaml`` (the pipeline evaluates each
+    task on a narrowed config, possibly at the same time): under the lock, whichever task
+    finishes last sees every task's summary, so no task's rows are lost.
+    """
+    import yaml
+
+    with _SUMMARY_LOCK:
+        tasks: list[str] = []
+        if io.exists(ctx.path("config.yaml")):
+            run_cfg = yaml.safe_load(io.read_bytes(ctx.path("config.yaml")).decode()) or {}
+            tasks = list(run_cfg.get("tasks") or [])
+        tasks += [t for t in ctx.cfg.tasks if t not in tasks]
+        frames = [
+            io.read_parquet(ctx.path(t, "eval", "summary.parquet")).to_pandas()
+            for t in tasks
+            if io.exists(ctx.path(t, "eval", "summary.parquet"))
+        ]
+        path = ctx.path("eval_summary.parquet")
+        io.write_parquet(path, pd.concat(frames, ignore_index=True))
+        return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -413,3 +414,38 @@ def test_summary_is_order_independent():
     a = summarize(rows)
     b = summarize(list(reversed(rows)))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_run_summary_keeps_every_task_when_tasks_finish_in_threads(tmp_path):
+    """The pipeline evaluates tasks in concurrent threads, each on a one-task config: the
+    run-level eval_summary.parquet must still hold every task's rows, whoever writes last."""
+    import threading
+
+    import pandas as pd
+
+    from rayjobs.common import JobContext, save_resolved_config
+    from rayjobs.evaluate import write_run_summary
+    from selfcorrect import io
+    from selfcorrect.config import load_config
+
+    out = str(tmp_path / "run")
+    cfg = load_config(None, ["tasks=[multiplication,sudoku]"])
+    save_resolved_config(JobContext(cfg, out))
+    barrier = threading.Barrier(2)
+
+    def finish(task: str) -> None:
+        one = load_config(None, [f"tasks=[{task}]"])
+        io.write_parquet(
+            io.join(out, task, "eval", "summary.parquet"),
+            pd.DataFrame({"task": [task], "model": ["ft"], "accuracy": [0.5]}),
+        )
+        barrier.wait()  # both task summaries exist before either writes the run summary
+        write_run_summary(JobContext(one, out))
+
+    threads = [threading.Thread(target=finish, args=(t,)) for t in cfg.tasks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    summary = pd.read_parquet(os.path.join(out, "eval_summary.parquet"))
+    assert summary["task"].tolist() == ["multiplication", "sudoku"]
