@@ -69,6 +69,11 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
+    # An embedded instance is one machine that nobody preempts: Ray Train's preemption
+    # watcher and 2 s health-check poll only add ~4 s to each of the ~20 training runs of
+    # the tiny preset (19 -> 15 s for a 5-step run). Set either variable to override.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             ray.init(

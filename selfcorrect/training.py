@@ -158,6 +158,21 @@ class ExampleStream:
         return [self.example(step, j, int(idx[j])) for j in range(rank * per, (rank + 1) * per)]
 
 
+def length_grouped(
+    examples: list[dict[str, np.ndarray]], micro_batch_size: int
+) -> list[list[dict[str, np.ndarray]]]:
+    """Cut micro-batches from the length-sorted local batch.
+
+    The loss is normalised by the global batch's weight, so which examples share a
+    micro-batch does not change the update; sorting only cuts padding. An EIFT batch with
+    a few long injected traces pads every row to the longest one: sorted micro-batches of 8
+    pad ~2x fewer tokens there (0.33 vs 0.63 s/step on tiny multiplication, one core).
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # stable
+    ranked = [examples[i] for i in order]
+    return [ranked[i : i + micro_batch_size] for i in range(0, len(ranked), micro_batch_size)]
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warmup to 1, then cosine decay to 10% at ``total`` (``step`` counts from 0)."""
     if step < warmup:
@@ -511,8 +526,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         _maybe_crash(config.get("crash"), step, rank)
         examples = stream.local_batch(step, rank, world)
         micro = [
-            collate(examples[i : i + t.micro_batch_size], tok.pad_token_id)
-            for i in range(0, len(examples), t.micro_batch_size)
+            collate(mb, tok.pad_token_id) for mb in length_grouped(examples, t.micro_batch_size)
         ]
         local_w = sum(float(b["loss_weight"][:, 1:].sum()) for b in micro)
         norm = global_weight_sum(torch.tensor(local_w, device=device))

@@ -276,6 +276,19 @@ def test_micro_batching_does_not_change_the_update(mul_prompts, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+def test_length_grouped_micro_batches_keep_every_example_and_cut_padding():
+    from selfcorrect.training import length_grouped
+
+    lengths = [50, 150, 52, 51, 149, 53, 50, 55]
+    examples = [{"input_ids": np.zeros(n, dtype=np.int64), "id": i} for i, n in enumerate(lengths)]
+    groups = length_grouped(examples, 4)
+    assert [len(g) for g in groups] == [4, 4]
+    assert sorted(e["id"] for g in groups for e in g) == list(range(8))
+    padded = sum(len(g) * max(len(e["input_ids"]) for e in g) for g in groups)
+    unsorted = 4 * 150 + 4 * 149  # the batch cut in order: both halves hold a long trace
+    assert padded == 4 * 52 + 4 * 150 < unsorted
+
+
 def test_resume_from_checkpoint_is_exact(mul_prompts, tmp_path):
     """6 steps straight == 3 steps, checkpoint, new process state, 3 more steps."""
     cfg = _cfg("train.checkpoint_every=3", "train.injection_rate=0.5")
