@@ -5,8 +5,7 @@ ray job submit --working-dir . -- python -m rayjobs.pipeline --config configs/ti
 
 Order: data -> ft -> harvest (FT model on train and test) -> coverage ->
 eift, hybrid, insec (hybrid uses the harvested train errors) -> grpo (from FT) ->
-eval (every model) -> tune -> report (with ``ray.parallel_tasks``, each task's chain up
-to tune runs beside the other tasks'). Each stage records itself in manifest.json
+eval (every model) -> tune -> report. Each stage records itself in manifest.json
 (status, config hash, artifacts, seconds): a rerun skips stages that are done with
 the same config, redoes those whose config changed, and resumes an interrupted run.
 
@@ -88,11 +87,9 @@ STEPS = (
 )
 STEP_NAMES = [s.name for s in STEPS]
 # Steps in which one task's stages never read another task's outputs: with
-# ``ray.parallel_tasks`` each task runs them in its own driver thread, so the task that
-# finishes first starts its tune trials on the cores it frees instead of idling until the
-# other's chain ends. Ray's resource accounting keeps every training and evaluation on
-# its own cores. Report (every task) comes after.
-PER_TASK_STEPS = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
+# ``ray.parallel_tasks`` each task runs them in its own driver thread. Tune (whose
+# concurrent trials already fill the cluster) and report (every task) come after.
+PER_TASK_STEPS = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval")
 
 
 def _names(arg: str | None, flag: str) -> list[str] | None:
