@@ -175,6 +175,22 @@ def md_train(r: dict[str, Any]) -> list[str]:
                         f"{a / b:.2f}" for a, b in zip(rt["ours"], rt[peer], strict=True)
                     )
                     spread.append(f"{p} ours/{peer} {per}")
+    lg = r.get("length_grouped")
+    if lg:
+        t = lg["tokens_per_s"]
+        per = ", ".join(
+            f"{a / b:.2f}"
+            for a, b in zip(lg["rates"]["grouped"], lg["rates"]["whole"], strict=True)
+        )
+        lines += [
+            "",
+            f"Length-sorted micro-batches (`selfcorrect.training.length_grouped`): our loop with "
+            f"micro-batches of {lg['micro_batch_size']} cut from the length-sorted batch of "
+            f"{lg['batch_size']} runs at {_n(t['grouped'])} tokens/s against {_n(t['whole'])} "
+            f"with the whole batch padded to its longest trace: **{_x(lg['grouped_over_whole'])}** "
+            f"(per round {per}). Same examples and the same update (the loss is normalised over "
+            "the global batch); the table above uses one micro-batch per step on both sides.",
+        ]
     lines += [
         "",
         "Per-round ratios (the spread is this shared machine's load noise): "
@@ -377,6 +393,13 @@ def headline(results: dict[str, Any]) -> list[str]:
         if isinstance(tr.get(p), dict):
             add(f"training tokens/s, {p}", "TRL SFTTrainer", tr[p].get("ours_over_trl"))
             add(f"training tokens/s, {p}", "minimal PyTorch loop", tr[p].get("ours_over_minimal"))
+    lg = tr.get("length_grouped")
+    if isinstance(lg, dict):
+        add(
+            f"training tokens/s, sorted micro-batches of {lg['micro_batch_size']}",
+            "one padded batch (same loop)",
+            lg.get("grouped_over_whole"),
+        )
     g = results.get("generation", {})
     if "ours_over_single" in g:
         add("generation tokens/s", "HF generate, one at a time", g["ours_over_single"])

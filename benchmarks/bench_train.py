@@ -164,8 +164,10 @@ def run(
     overrides: Sequence[str] = (),
     precisions: Sequence[str] = ("fp32", "bf16"),
     with_trl: bool = True,
+    grouped_micro: int = 8,
 ) -> dict[str, Any]:
-    """Tokens/s per side and precision, median ratios, matmul peaks and MFU."""
+    """Tokens/s per side and precision, median ratios, matmul peaks and MFU; with
+    ``grouped_micro``, also our loop's length-sorted micro-batches against one batch."""
     torch.set_num_threads(threads)
     res: dict[str, Any] = {
         "config": config,
@@ -183,6 +185,9 @@ def run(
             [
                 *overrides,
                 f"train.bf16={str(bf16).lower()}",
+                # One micro-batch per step, as the baselines collate it: the framework overhead
+                # is measured on the same padded tensors (length grouping is measured below).
+                f"train.micro_batch_size={cfg_batch_size(config, overrides)}",
                 f"train.cpus_per_worker={threads}",
                 "train.checkpoint_every=0",
                 "train.log_every=1",
@@ -221,6 +226,10 @@ def run(
         }
         res["params"] = count_params(model)
         res["preset"] = cfg.model.preset
+    if grouped_micro:
+        res["length_grouped"] = length_grouping(
+            config, task, method, steps, threads, rounds, overrides, grouped_micro
+        )
     if "fp32" in res and "bf16" in res:
         res["bf16_over_fp32_ours"] = (
             res["bf16"]["tokens_per_s"]["ours"] / res["fp32"]["tokens_per_s"]["ours"]
@@ -230,6 +239,51 @@ def run(
         )
     res["load_avg_end"] = load_avg()
     return res
+
+
+def cfg_batch_size(config: str, overrides: Sequence[str]) -> int:
+    return load_config(config, list(overrides)).train.batch_size
+
+
+def length_grouping(
+    config: str,
+    task: str,
+    method: str,
+    steps: int,
+    threads: int,
+    rounds: int,
+    overrides: Sequence[str],
+    micro: int,
+) -> dict[str, Any]:
+    """Our loop with micro-batches of ``micro`` cut from the length-sorted batch against the
+    same loop with the whole batch in one micro-batch (every row padded to the longest):
+    same examples, same update, bf16 where the CPU has it (the presets' ``auto``)."""
+    common = [
+        *overrides,
+        f"train.cpus_per_worker={threads}",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+        "train.warmup_steps=1",
+        f"train.max_steps={steps + 1}",
+    ]
+    whole = load_config(
+        config, [*common, f"train.micro_batch_size={cfg_batch_size(config, overrides)}"]
+    )
+    grouped = load_config(config, [*common, f"train.micro_batch_size={micro}"])
+    t = get_task(task, **whole.task_options(task))
+    prompts = make_splits(t, 2000, 10, whole.seed)["train"].column("prompt").to_pylist()
+    sides = {
+        "grouped": lambda: ours_loop(grouped, task, method, prompts, steps),
+        "whole": lambda: ours_loop(whole, task, method, prompts, steps),
+    }
+    med, rates = alternate(sides, rounds)
+    return {
+        "micro_batch_size": micro,
+        "batch_size": whole.train.batch_size,
+        "tokens_per_s": med,
+        "rates": rates,
+        "grouped_over_whole": median_ratio(rates, "grouped", "whole"),
+    }
 
 
 def main() -> None:
