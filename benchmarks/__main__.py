@@ -187,7 +187,7 @@ def md_train(r: dict[str, Any]) -> list[str]:
             f"Length-sorted micro-batches (`selfcorrect.training.length_grouped`): our loop with "
             f"micro-batches of {lg['micro_batch_size']} cut from the length-sorted batch of "
             f"{lg['batch_size']} runs at {_n(t['grouped'])} tokens/s against {_n(t['whole'])} "
-            f"with the whole batch padded to its longest trace: **{_x(lg['grouped_over_whole'])}** "
+            f"with the whole batch padded to its longest trace: {_x(lg['grouped_over_whole'])} "
             f"(per round {per}). Same examples and the same update (the loss is normalised over "
             "the global batch); the table above uses one micro-batch per step on both sides.",
         ]
