@@ -178,25 +178,20 @@ def run(
         "threads": threads,
         "load_avg_start": load_avg(),
     }
+    whole_batch = load_config(config, list(overrides)).train.batch_size
     for name in precisions:
         bf16 = name == "bf16"
-        cfg = load_config(
+        # One micro-batch per step, as the baselines collate it: the framework overhead is
+        # measured on the same padded tensors (length grouping is measured below).
+        cfg = bench_config(
             config,
-            [
-                *overrides,
-                f"train.bf16={str(bf16).lower()}",
-                # One micro-batch per step, as the baselines collate it: the framework overhead
-                # is measured on the same padded tensors (length grouping is measured below).
-                f"train.micro_batch_size={cfg_batch_size(config, overrides)}",
-                f"train.cpus_per_worker={threads}",
-                "train.checkpoint_every=0",
-                "train.log_every=1",
-                "train.warmup_steps=1",
-                f"train.max_steps={steps + 1}",
-            ],
+            overrides,
+            steps,
+            threads,
+            f"train.bf16={str(bf16).lower()}",
+            f"train.micro_batch_size={whole_batch}",
         )
-        t = get_task(task, **cfg.task_options(task))
-        prompts = make_splits(t, 2000, 10, cfg.seed)["train"].column("prompt").to_pylist()
+        prompts = bench_prompts(cfg, task)
         model, tok = build_model(cfg.model.preset, cfg.model.max_length)
         stream = ExampleStream(cfg, task, method, prompts, tok)
         batches = [stream.local_batch(s, 0, 1) for s in range(steps + 1)]
@@ -228,7 +223,7 @@ def run(
         res["preset"] = cfg.model.preset
     if grouped_micro:
         res["length_grouped"] = length_grouping(
-            config, task, method, steps, threads, rounds, overrides, grouped_micro
+            config, task, method, steps, threads, rounds, overrides, grouped_micro, whole_batch
         )
     if "fp32" in res and "bf16" in res:
         res["bf16_over_fp32_ours"] = (
@@ -241,8 +236,28 @@ def run(
     return res
 
 
-def cfg_batch_size(config: str, overrides: Sequence[str]) -> int:
-    return load_config(config, list(overrides)).train.batch_size
+def bench_config(
+    config: str, overrides: Sequence[str], steps: int, threads: int, *extra: str
+) -> Any:
+    """The config every side of this benchmark runs: ``steps`` timed steps after one warm-up
+    step on ``threads`` threads, no checkpoints, a metric line per step."""
+    return load_config(
+        config,
+        [
+            *overrides,
+            f"train.cpus_per_worker={threads}",
+            "train.checkpoint_every=0",
+            "train.log_every=1",
+            "train.warmup_steps=1",
+            f"train.max_steps={steps + 1}",
+            *extra,
+        ],
+    )
+
+
+def bench_prompts(cfg: Any, task: str) -> list[str]:
+    t = get_task(task, **cfg.task_options(task))
+    return make_splits(t, 2000, 10, cfg.seed)["train"].column("prompt").to_pylist()
 
 
 def length_grouping(
@@ -254,24 +269,14 @@ def length_grouping(
     rounds: int,
     overrides: Sequence[str],
     micro: int,
+    whole_batch: int,
 ) -> dict[str, Any]:
     """Our loop with micro-batches of ``micro`` cut from the length-sorted batch against the
     same loop with the whole batch in one micro-batch (every row padded to the longest):
     same examples, same update, bf16 where the CPU has it (the presets' ``auto``)."""
-    common = [
-        *overrides,
-        f"train.cpus_per_worker={threads}",
-        "train.checkpoint_every=0",
-        "train.log_every=1",
-        "train.warmup_steps=1",
-        f"train.max_steps={steps + 1}",
-    ]
-    whole = load_config(
-        config, [*common, f"train.micro_batch_size={cfg_batch_size(config, overrides)}"]
-    )
-    grouped = load_config(config, [*common, f"train.micro_batch_size={micro}"])
-    t = get_task(task, **whole.task_options(task))
-    prompts = make_splits(t, 2000, 10, whole.seed)["train"].column("prompt").to_pylist()
+    whole = bench_config(config, overrides, steps, threads, f"train.micro_batch_size={whole_batch}")
+    grouped = bench_config(config, overrides, steps, threads, f"train.micro_batch_size={micro}")
+    prompts = bench_prompts(whole, task)
     sides = {
         "grouped": lambda: ours_loop(grouped, task, method, prompts, steps),
         "whole": lambda: ours_loop(whole, task, method, prompts, steps),
@@ -279,7 +284,7 @@ def length_grouping(
     med, rates = alternate(sides, rounds)
     return {
         "micro_batch_size": micro,
-        "batch_size": whole.train.batch_size,
+        "batch_size": whole_batch,
         "tokens_per_s": med,
         "rates": rates,
         "grouped_over_whole": median_ratio(rates, "grouped", "whole"),
