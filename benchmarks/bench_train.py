@@ -178,7 +178,10 @@ def run(
         "threads": threads,
         "load_avg_start": load_avg(),
     }
-    whole_batch = load_config(config, list(overrides)).train.batch_size
+    base = load_config(config, list(overrides))
+    whole_batch = base.train.batch_size
+    # The same examples on every side, precision and micro-batching.
+    prompts = bench_prompts(base, task)
     for name in precisions:
         bf16 = name == "bf16"
         # One micro-batch per step, as the baselines collate it: the framework overhead is
@@ -191,12 +194,11 @@ def run(
             f"train.bf16={str(bf16).lower()}",
             f"train.micro_batch_size={whole_batch}",
         )
-        prompts = bench_prompts(cfg, task)
         model, tok = build_model(cfg.model.preset, cfg.model.max_length)
         stream = ExampleStream(cfg, task, method, prompts, tok)
         batches = [stream.local_batch(s, 0, 1) for s in range(steps + 1)]
         sides = {
-            "ours": lambda cfg=cfg, prompts=prompts: ours_loop(cfg, task, method, prompts, steps),
+            "ours": lambda cfg=cfg: ours_loop(cfg, task, method, prompts, steps),
             "minimal": lambda cfg=cfg, b=batches, bf16=bf16: minimal_loop(cfg, b, bf16),
         }
         if with_trl:
@@ -223,7 +225,16 @@ def run(
         res["preset"] = cfg.model.preset
     if grouped_micro:
         res["length_grouped"] = length_grouping(
-            config, task, method, steps, threads, rounds, overrides, grouped_micro, whole_batch
+            config,
+            task,
+            method,
+            prompts,
+            steps,
+            threads,
+            rounds,
+            overrides,
+            grouped_micro,
+            whole_batch,
         )
     if "fp32" in res and "bf16" in res:
         res["bf16_over_fp32_ours"] = (
@@ -264,6 +275,7 @@ def length_grouping(
     config: str,
     task: str,
     method: str,
+    prompts: list[str],
     steps: int,
     threads: int,
     rounds: int,
@@ -276,7 +288,6 @@ def length_grouping(
     same examples, same update, bf16 where the CPU has it (the presets' ``auto``)."""
     whole = bench_config(config, overrides, steps, threads, f"train.micro_batch_size={whole_batch}")
     grouped = bench_config(config, overrides, steps, threads, f"train.micro_batch_size={micro}")
-    prompts = bench_prompts(whole, task)
     sides = {
         "grouped": lambda: ours_loop(grouped, task, method, prompts, steps),
         "whole": lambda: ours_loop(whole, task, method, prompts, steps),
