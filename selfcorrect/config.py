@@ -139,6 +139,11 @@ class TrainConfig:
     w_recognition: float = _f(1.0, "loss weight of recognition lines")
     w_correction: float = _f(1.0, "loss weight of correction steps")
     w_unlikelihood: float = _f(1.0, "insec unlikelihood term weight")
+    w_decision: float = _f(
+        1.0,
+        "extra factor on w_recognition for the decision tokens of a recognition line (AH of "
+        "the EIFT line, </mistake>): the one choice the line stands for",
+    )
     log_every: int = _f(20, "steps between metric reports")
 
     def validate(self) -> None:
@@ -178,8 +183,9 @@ class TrainConfig:
         _check(self.max_failures >= -1, "train.max_failures", "must be >= 0 (-1 = retry forever)")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(
-            min(self.w_recognition, self.w_correction, self.w_unlikelihood) >= 0,
-            "train.w_recognition/w_correction/w_unlikelihood",
+            min(self.w_recognition, self.w_correction, self.w_unlikelihood, self.w_decision)
+            >= 0,
+            "train.w_recognition/w_correction/w_unlikelihood/w_decision",
             "loss weights must be >= 0",
         )
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")

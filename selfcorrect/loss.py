@@ -14,24 +14,30 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from selfcorrect.tasks.base import INSEC_CLOSE, RECOGNITION_LINE
 from selfcorrect.traces import Example, Span
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Per-span weights. ``mistake_loss`` decides what InSeC mistake tokens contribute."""
+    """Per-span weights. ``mistake_loss`` decides what InSeC mistake tokens contribute.
+
+    ``w_decision`` multiplies ``w_recognition`` on the decision tokens of a recognition
+    line (``Span.DECISION``): the one choice the line stands for; the rest is forced.
+    """
 
     w_recognition: float = 1.0
     w_correction: float = 1.0
     mistake_loss: str = "mask"  # mask | unlikelihood
     w_unlikelihood: float = 1.0
+    w_decision: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mistake_loss not in ("mask", "unlikelihood"):
             raise ValueError(
                 f"mistake_loss={self.mistake_loss!r}; set it to 'mask' or 'unlikelihood'"
             )
-        if min(self.w_recognition, self.w_correction, self.w_unlikelihood) < 0:
+        if min(self.w_recognition, self.w_correction, self.w_unlikelihood, self.w_decision) < 0:
             raise ValueError("loss weights must be >= 0")
 
     def of(self, kind: int) -> float:
@@ -43,6 +49,7 @@ class LossWeights:
             Span.CORRECTION: self.w_correction,
             Span.MARKER: 0.0,
             Span.MISTAKE: 0.0,
+            Span.DECISION: self.w_recognition * self.w_decision,
         }[Span(kind)]
 
 
@@ -53,7 +60,9 @@ def token_weights(
 
     A token takes the kind of its first character; if any of its characters is
     in a zero-weight span (a wrong step, a marker), the token's weight is 0, so
-    the model is never trained to emit any part of a wrong step.
+    the model is never trained to emit any part of a wrong step. Unlikelihood goes to a
+    token that holds the character where an InSeC mistake departs from every correct step
+    and nothing outside the wrong line (a BPE token straddling a correct line gets none).
     """
     n = len(offsets)
     w = np.zeros(n, dtype=np.float32)
@@ -66,28 +75,72 @@ def token_weights(
         kinds = char_labels[s:e]
         kind[i] = kinds[0]
         w[i] = char_w[kinds].min()
-        if weights.mistake_loss == "unlikelihood" and np.all(kinds == Span.MISTAKE):
+        wrong_only = np.all((kinds == Span.MISTAKE) | (kinds == Span.WRONG))
+        if weights.mistake_loss == "unlikelihood" and wrong_only and np.any(kinds == Span.MISTAKE):
             ul[i] = weights.w_unlikelihood
     return w, ul, kind
+
+
+def recognition_signal(example: Example) -> str:
+    """The line a model trained on ``example`` writes to flag an error."""
+    return INSEC_CLOSE if example.source == "insec" else RECOGNITION_LINE
+
+
+def false_alarm_targets(tokenizer, example: Example, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Per token: the id that would start a recognition line there instead, or -1.
+
+    Only at the lines that follow a correct step (a golden or correction line after a
+    golden or correction line): the token where the line first departs from the
+    recognition signal, paired with the signal's token at that point. Predicting it
+    (argmax) is a false alarm: the model would flag a correct step. The ``ANSWER`` line
+    shares ``A`` with the EIFT line, so its departure is at ``N`` vs ``H``.
+    """
+    signal = recognition_signal(example)
+    sig = tokenizer(signal, add_special_tokens=False, return_offsets_mapping=True)
+    sig_at = {s: t for t, (s, e) in zip(sig["input_ids"], sig["offset_mapping"]) if e > s}
+    tok_at = {s: i for i, (s, e) in enumerate(offsets) if e > s}
+    out = np.full(len(offsets), -1, dtype=np.int64)
+    correct = (Span.GOLDEN, Span.CORRECTION)
+    for (_, _, prev), (s, e, kind) in zip(example.spans, example.spans[1:]):
+        if kind != Span.GOLDEN or prev not in correct:
+            continue
+        line = example.text[s:e]
+        k = 0
+        while k < min(len(line), len(signal)) and line[k] == signal[k]:
+            k += 1
+        if k < len(signal) and k in sig_at and s + k in tok_at:
+            out[tok_at[s + k]] = sig_at[k]
+    return out
 
 
 def encode_example(
     tokenizer, example: Example, weights: LossWeights, max_length: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Text -> token ids plus per-token weights; an EOS token is appended as a golden token."""
+    """Text -> token ids plus per-token weights; an EOS token is appended as a golden token.
+
+    ``fa_target`` (``false_alarm_targets``) is for metrics only: it never enters the loss.
+    """
     enc = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)
     w, ul, kind = token_weights(enc["offset_mapping"], example.char_labels(), weights)
+    fa = false_alarm_targets(tokenizer, example, enc["offset_mapping"])
     ids = np.array(enc["input_ids"] + [tokenizer.eos_token_id], dtype=np.int64)
     w = np.append(w, 1.0).astype(np.float32)
     ul = np.append(ul, 0.0).astype(np.float32)
     kind = np.append(kind, int(Span.GOLDEN)).astype(np.int8)
+    fa = np.append(fa, -1)
     if max_length is not None and len(ids) > max_length:
         raise ValueError(
             f"training example of {len(ids)} tokens exceeds model.max_length={max_length} "
             "(examples are never truncated); raise model.max_length, or use fewer digits / "
             "fewer errors per trace (train.max_errors)"
         )
-    return {"input_ids": ids, "loss_weight": w, "ul_weight": ul, "span_kind": kind}
+    return {
+        "input_ids": ids,
+        "loss_weight": w,
+        "ul_weight": ul,
+        "span_kind": kind,
+        "fa_target": fa,
+    }
 
 
 def collate(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -100,6 +153,7 @@ def collate(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.
         "loss_weight": torch.zeros((B, T), dtype=torch.float32),
         "ul_weight": torch.zeros((B, T), dtype=torch.float32),
         "span_kind": torch.zeros((B, T), dtype=torch.long),
+        "fa_target": torch.full((B, T), -1, dtype=torch.long),
     }
     for i, b in enumerate(batch):
         n = len(b["input_ids"])
@@ -108,6 +162,8 @@ def collate(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.
         out["loss_weight"][i, :n] = torch.as_tensor(b["loss_weight"])
         out["ul_weight"][i, :n] = torch.as_tensor(b["ul_weight"])
         out["span_kind"][i, :n] = torch.as_tensor(b["span_kind"].astype(np.int64))
+        if "fa_target" in b:
+            out["fa_target"][i, :n] = torch.as_tensor(b["fa_target"])
     return out
 
 
@@ -146,7 +202,45 @@ def weighted_lm_loss(
         p = tok_logp.exp().clamp(max=1 - 1e-6)
         loss = loss + (-torch.log1p(-p) * ul).sum()
     loss = loss * world_size / normalizer
-    return loss, {"nll": nll.detach(), "kind": batch["span_kind"][:, 1:], "weight": w}
+    pred = logits.detach().argmax(-1)  # [B, T-1]
+    stats = {
+        "nll": nll.detach(),
+        "kind": batch["span_kind"][:, 1:],
+        "weight": w,
+        "hit": pred == target,
+        "fa_target": batch["fa_target"][:, 1:] if "fa_target" in batch else None,
+        "pred": pred,
+    }
+    return loss, stats
+
+
+def decision_stats(stats: dict[str, torch.Tensor]) -> tuple[float, float, float, float, float]:
+    """(decisions, their summed NLL, decisions argmax-right, false-alarm sites, false alarms).
+
+    A decision is one contiguous run of ``Span.DECISION`` targets (``AH`` of the EIFT line,
+    ``</mistake>`` for InSeC): its NLL is the run's summed token NLL (-log p of flagging the
+    error), and it is right when every token of the run is the argmax. False-alarm sites are
+    the ``fa_target`` positions after correct steps; a false alarm is an argmax there that
+    would start the recognition line.
+    """
+    dec = stats["kind"] == int(Span.DECISION)  # [B, T-1]
+    start = dec.clone()
+    start[:, 1:] &= ~dec[:, :-1]
+    n = float(start.sum())
+    nll = float(stats["nll"][dec].sum())
+    right = 0.0
+    if n:
+        run = (start.flatten().cumsum(0) - 1)[dec.flatten()]  # run id of each decision token
+        ok = torch.ones(int(n), device=dec.device)
+        ok = ok.scatter_reduce(0, run, stats["hit"].flatten()[dec.flatten()].float(), "amin")
+        right = float(ok.sum())
+    fa_t = stats.get("fa_target")
+    sites = alarms = 0.0
+    if fa_t is not None:
+        site = fa_t >= 0
+        sites = float(site.sum())
+        alarms = float((stats["pred"][site] == fa_t[site]).sum())
+    return n, nll, right, sites, alarms
 
 
 def span_losses(stats: dict[str, torch.Tensor]) -> dict[str, float]:

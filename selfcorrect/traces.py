@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from selfcorrect.tasks.base import (
+    ANSWER_PREFIX,
     INSEC_CLOSE,
-    INSEC_OPEN,
     RECOGNITION_LINE,
     Problem,
     Task,
+    applicable_weights,
     sample_error,
 )
 
@@ -32,8 +33,22 @@ class Span(IntEnum):
     WRONG = 2  # weight 0: the model sees it but is never trained to produce it
     RECOGNITION = 3  # weight w_recognition
     CORRECTION = 4  # weight w_correction
-    MARKER = 5  # InSeC opening tag before a mistake: weight 0
-    MISTAKE = 6  # InSeC mistake body: weight 0 (mask) or unlikelihood
+    MARKER = 5  # unused since InSeC lost its opening tag; kept so stored values stay stable
+    MISTAKE = 6  # where an InSeC mistake departs from every correct step: 0 or unlikelihood
+    DECISION = 7  # the recognition line's first characters: the decision to flag an error
+
+
+def decision_length(signal: str) -> int:
+    """Characters of a recognition signal that make the decision to emit it.
+
+    The signal's characters up to and including the first one that differs from the answer
+    line's prefix: ``AH`` of ``AH! I MADE A MISTAKE.`` (``A`` alone could still be the
+    ``ANSWER`` line), ``<`` of ``</mistake>``. Every later character is forced.
+    """
+    k = 0
+    while k < min(len(signal), len(ANSWER_PREFIX)) and signal[k] == ANSWER_PREFIX[k]:
+        k += 1
+    return min(k + 1, len(signal))
 
 
 @dataclass
@@ -68,6 +83,12 @@ class _Builder:
     def line(self, s: str, kind: Span) -> None:
         self.add(s + "\n", kind)
 
+    def recognition(self, signal: str) -> None:
+        """A recognition line: its decision characters, then the forced rest."""
+        k = decision_length(signal)
+        self.add(signal[:k], Span.DECISION)
+        self.add(signal[k:] + "\n", Span.RECOGNITION)
+
     def build(self, source: str, types: list[str], steps: list[int]) -> Example:
         return Example("".join(self.text), self.spans, source, types, steps)
 
@@ -99,12 +120,22 @@ def eift_example(
 ) -> Example:
     """Golden trace with 1..max_errors synthetic errors, each as: wrong, recognition, correct.
 
-    Errors per trace are uniform over 1..min(max_errors, n_steps); positions are
-    uniform without replacement.
+    Errors per trace are uniform over 1..min(max_errors, n); positions are uniform
+    without replacement over the n steps where some allowed error type applies (the
+    eval's synthetic items use the same positions), so restrictive ``type_weights``
+    never fail; a trace with no such step stays clean.
     """
     steps = task.golden_steps(problem)
-    k = int(rng.integers(1, min(max_errors, len(steps)) + 1))
-    positions = set(rng.choice(len(steps), size=k, replace=False).tolist())
+    state = task.initial_state(problem)
+    ok = []
+    for i, step in enumerate(steps):
+        if applicable_weights(task, state, type_weights):
+            ok.append(i)
+        state = task.apply_step(state, step)
+    if not ok:
+        return clean_example(task, problem)
+    k = int(rng.integers(1, min(max_errors, len(ok)) + 1))
+    positions = {ok[j] for j in rng.choice(len(ok), size=k, replace=False).tolist()}
     b = _Builder()
     b.line(task.prompt(problem), Span.PROMPT)
     state = task.initial_state(problem)
@@ -113,7 +144,7 @@ def eift_example(
         if i in positions:
             wrong, etype = sample_error(task, state, rng, type_weights)
             b.line(wrong, Span.WRONG)
-            b.line(RECOGNITION_LINE, Span.RECOGNITION)
+            b.recognition(RECOGNITION_LINE)
             b.line(step, Span.CORRECTION)
             types.append(etype)
             where.append(i)
@@ -141,7 +172,7 @@ def onpolicy_example(
         raise ValueError(f"on-policy wrong step {wrong_step!r} verifies as correct")
     correct = task.correct_steps(state)[0]
     b.line(wrong_step, Span.WRONG)
-    b.line(RECOGNITION_LINE, Span.RECOGNITION)
+    b.recognition(RECOGNITION_LINE)
     b.line(correct, Span.CORRECTION)
     _finish_golden(b, task, problem, task.apply_step(state, correct))
     return b.build("onpolicy", [error_type], [len(prefix_steps)])
@@ -154,17 +185,33 @@ def insec_example(
     p_mistake: float = 0.15,
     type_weights: dict[str, float] | None = None,
 ) -> Example:
-    """InSeC: each step independently becomes ``<mistake>wrong`` / ``</mistake>`` / correct."""
+    """InSeC: each step where an allowed error type applies independently becomes, with
+    probability ``p_mistake``: the unmarked wrong step / ``</mistake>`` / the correct step.
+
+    Format. The InSeC paper marks a mistake and trains the model on the mistake's
+    correction, with the mistake itself masked or a negative example (unlikelihood).
+    The signal the model learns to write is the closing marker after a wrong step; an
+    opening marker before it would have to be written *before* the mistake, i.e. the model
+    would plan it (and with weight 0 it is never learned, so at eval, on a wrong step the
+    model did not plan, nothing would open). So the wrong step is written unmarked, as the
+    model's own errors are, and ``</mistake>`` is the trained recognition signal.
+
+    Loss on the wrong step: weight 0 everywhere; with ``mistake_loss: unlikelihood`` the
+    one character where it departs from every correct step (``Span.MISTAKE``) is pushed
+    down, never the shared left-hand side or leading digits.
+    """
     b = _Builder()
     b.line(task.prompt(problem), Span.PROMPT)
     state = task.initial_state(problem)
     types, where = [], []
     for i, step in enumerate(task.golden_steps(problem)):
-        if rng.random() < p_mistake:
+        if applicable_weights(task, state, type_weights) and rng.random() < p_mistake:
             wrong, etype = sample_error(task, state, rng, type_weights)
-            b.add(INSEC_OPEN, Span.MARKER)
-            b.line(wrong, Span.MISTAKE)
-            b.line(INSEC_CLOSE, Span.RECOGNITION)
+            d = departure(wrong, task.correct_steps(state))
+            b.add(wrong[:d], Span.WRONG)
+            b.add((wrong + "\n")[d], Span.MISTAKE)
+            b.add((wrong + "\n")[d + 1 :], Span.WRONG)
+            b.recognition(INSEC_CLOSE)
             b.line(step, Span.CORRECTION)
             types.append(etype)
             where.append(i)
@@ -173,6 +220,19 @@ def insec_example(
         state = task.apply_step(state, step)
     b.line(task.answer_line(problem), Span.GOLDEN)
     return b.build("insec", types, where)
+
+
+def departure(wrong: str, correct: list[str]) -> int:
+    """Index of the first character of ``wrong + newline`` that no correct step shares."""
+    line = wrong + "\n"
+    best = 0
+    for c in correct:
+        c = c + "\n"
+        k = 0
+        while k < min(len(line), len(c)) and line[k] == c[k]:
+            k += 1
+        best = max(best, k)
+    return min(best, len(line) - 1)
 
 
 def onpolicy_trace_probability(fraction: float, max_errors: int, n_steps: int) -> float:

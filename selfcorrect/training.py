@@ -51,6 +51,7 @@ from selfcorrect.data import stream_rng
 from selfcorrect.loss import (
     LossWeights,
     collate,
+    decision_stats,
     encode_example,
     global_weight_sum,
     weighted_lm_loss,
@@ -77,6 +78,7 @@ def loss_weights(cfg: Config) -> LossWeights:
         w_correction=t.w_correction,
         mistake_loss=t.mistake_loss,
         w_unlikelihood=t.w_unlikelihood,
+        w_decision=t.w_decision,
     )
 
 
@@ -571,7 +573,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
 
 
 class _Accumulator:
-    """Global metrics over a logging window: objective, per-span NLL, tokens/s."""
+    """Global metrics over a logging window: objective, per-span NLL, decisions, tokens/s."""
 
     def __init__(self, kinds: list[Span]) -> None:
         self.kinds = kinds
@@ -580,6 +582,7 @@ class _Accumulator:
         self.cnt = np.zeros(len(kinds))
         self.tokens = 0.0
         self.steps = 0
+        self.decision = np.zeros(5)  # decisions, their NLL, right, false-alarm sites, alarms
 
     def add(
         self, loss: float, stats: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
@@ -590,14 +593,16 @@ class _Accumulator:
             sel = (stats["kind"] == int(k)) & weighted
             self.nll[i] += float(stats["nll"][sel].sum())
             self.cnt[i] += float(sel.sum())
+        self.decision += np.array(decision_stats(stats))
         self.tokens += float(batch["attention_mask"].sum())
 
     def metrics(
         self, step: int, lr: float, grad_norm: float, seconds: float, world: int
     ) -> dict[str, Any]:
         k = len(self.kinds)
-        vals = _all_sum([self.objective, self.tokens, *self.nll, *self.cnt])
-        nll, cnt = vals[2 : 2 + k], vals[2 + k :]
+        vals = _all_sum([self.objective, self.tokens, *self.nll, *self.cnt, *self.decision])
+        nll, cnt = vals[2 : 2 + k], vals[2 + k : 2 + 2 * k]
+        n_dec, dec_nll, dec_right, fa_sites, fa_hits = vals[2 + 2 * k :]
         steps = max(1, self.steps)
         out: dict[str, Any] = {
             "step": step,
@@ -613,6 +618,14 @@ class _Accumulator:
         for i, kind in enumerate(self.kinds):
             if cnt[i] > 0:
                 out[f"loss_{kind.name.lower()}"] = nll[i] / cnt[i]
+        if n_dec > 0:
+            # The decision to flag an error after a wrong step: -log p(flag) and argmax accuracy.
+            out["decision_loss"] = dec_nll / n_dec
+            out["decision_accuracy"] = dec_right / n_dec
+            out["decision_n"] = n_dec
+        if n_dec > 0 and fa_sites > 0:
+            # How often the argmax after a correct step would start the recognition line.
+            out["decision_false_alarm_rate"] = fa_hits / fa_sites
         return out
 
 

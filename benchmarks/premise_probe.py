@@ -1,0 +1,148 @@
+"""Calibrate the experiment's premise: does a method learn to recognise *synthetic* errors?
+
+python benchmarks/premise_probe.py --task multiplication --method eift --steps 600 \
+    [--from-scratch] [key=value overrides]
+
+Trains the shared clean base (``train.base_steps`` at ``train.base_lr``, cached under
+``--cache``) unless ``--from-scratch``, then the method for ``--steps`` steps with
+``selfcorrect.training.train_local`` (the loop Ray Train runs), checkpointing ``--points``
+times. At every checkpoint it decodes greedily and reports the premise numbers only:
+
+* synthetic recognition: golden prefix + one fresh synthetic error (the eval's
+  ``synthetic`` items), the share whose next line is the recognition line;
+* false alarms on clean problems: the share of free generations with a recognition line
+  right after a correct step;
+* clean accuracy: final-answer accuracy of the free generations.
+
+It never looks at FT or own errors: those are the experiment's answer, not its calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from selfcorrect.config import load_config  # noqa: E402
+from selfcorrect.data import make_splits  # noqa: E402
+from selfcorrect.evaluate import (  # noqa: E402
+    score_after_error,
+    score_free_generation,
+    state_after,
+    synthetic_items,
+)
+from selfcorrect.generation import generate  # noqa: E402
+from selfcorrect.tasks import get_task  # noqa: E402
+from selfcorrect.training import (  # noqa: E402
+    MODEL_DIR,
+    TORCH_STATE,
+    build_training_model,
+    train_local,
+)
+
+
+def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int) -> dict:
+    """Greedy synthetic recognition, clean false alarms and clean accuracy on ``n`` problems."""
+    model.eval()
+    items = synthetic_items(task, test_rows, seed, n)
+    texts = generate(model, tok, [it["prefix"] for it in items], max_new_tokens=48)
+    rec = 0
+    for it, text in zip(items, texts, strict=True):
+        problem = task.parse_prompt(it["prompt"])
+        state = state_after(task, problem, it["prefix_steps"])
+        rec += score_after_error(task, problem, state, it["wrong_step"], text)["recognized"]
+    prompts = [r["prompt"] for r in test_rows[:n]]
+    free = generate(model, tok, [p + "\n" for p in prompts], max_new_tokens=max_new_tokens)
+    scores = [
+        score_free_generation(task, task.parse_prompt(p), t)
+        for p, t in zip(prompts, free, strict=True)
+    ]
+    model.train()
+    return {
+        "synthetic_recognition": rec / len(items),
+        "clean_false_alarm": sum(s["false_alarm"] for s in scores) / len(scores),
+        "clean_accuracy": sum(s["correct"] for s in scores) / len(scores),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--task", default="multiplication")
+    ap.add_argument("--method", default="eift")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--points", type=int, default=3, help="checkpoints evaluated")
+    ap.add_argument("--n", type=int, default=200, help="test problems per measurement")
+    ap.add_argument("--from-scratch", action="store_true", help="no base: random init")
+    ap.add_argument("--cache", default=os.path.join(os.getcwd(), ".probe-cache"))
+    ap.add_argument("--out", default=None, help="append a JSON line with the results here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    task = get_task(args.task, **cfg.task_options(args.task))
+    splits = make_splits(task, cfg.data.n_train, cfg.data.n_test, cfg.seed)
+    prompts = splits["train"].column("prompt").to_pylist()
+    test_rows = splits["test"].to_pylist()
+    t = cfg.train
+
+    base = None
+    if not args.from_scratch:
+        steps = t.base_steps_by_task.get(args.task, t.base_steps)
+        base = os.path.join(args.cache, f"base-{args.task}-{steps}-{t.base_lr}-seed{cfg.seed}")
+        if not os.path.isdir(base):
+            bcfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(t, lr=t.base_lr or t.lr, checkpoint_every=0)
+            )
+            _, session = train_local(bcfg, args.task, "ft", prompts, max_steps=steps)
+            tmp = base + ".tmp"
+            shutil.copytree(os.path.join(session.latest, MODEL_DIR), tmp)
+            os.replace(tmp, base)
+
+    every = max(1, args.steps // args.points)
+    mcfg = dataclasses.replace(cfg, train=dataclasses.replace(t, checkpoint_every=every))
+    t0 = time.time()
+    last, session = train_local(
+        mcfg, args.task, args.method, prompts, init_model_path=base, max_steps=args.steps
+    )
+    train_s = time.time() - t0
+    model, tok = build_training_model(cfg, base)
+    curve = []
+    for d in sorted(Path(session.root).glob("checkpoint_*")):
+        state = json.loads((d / "trainer_state.json").read_text())
+        model.load_state_dict(torch.load(d / TORCH_STATE, weights_only=True)["model"])
+        point = {"step": state["step"], **state["history"][-1]}
+        point.update(premise(model, tok, task, test_rows, cfg.seed, args.n, 128))
+        curve.append(point)
+        keys = ("synthetic_recognition", "clean_false_alarm", "clean_accuracy")
+        shown = {k: round(point[k], 3) for k in keys}
+        dec = {k: round(v, 3) for k, v in point.items() if k.startswith("decision")}
+        print(f"[probe] {args.task}/{args.method} step {state['step']}: {shown} {dec}", flush=True)
+    res = {
+        "task": args.task,
+        "method": args.method,
+        "from_scratch": args.from_scratch,
+        "overrides": args.overrides,
+        "steps": args.steps,
+        "train_minutes": train_s / 60,
+        "seconds_per_step": train_s / args.steps,
+        "curve": curve,
+    }
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    shutil.rmtree(session.root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
