@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from selfcorrect import io
+from selfcorrect import io, runlock
 from selfcorrect.config import Config, ConfigError, describe, dump_config, load_config
 
 MANIFEST = "manifest.json"
@@ -28,7 +28,9 @@ class JobContext:
         return io.join(self.output_dir, *parts)
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> JobContext:
+def parse_args(description: str, argv: list[str] | None = None, *, lock: bool = True) -> JobContext:
+    """The job's flags and config; then (``lock``) the output dir's run lock
+    (``hold_output_dir``), so a job writes nothing before it owns the directory."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", default=None, help="YAML preset, e.g. configs/tiny.yaml")
     ap.add_argument(
@@ -51,7 +53,22 @@ def parse_args(description: str, argv: list[str] | None = None) -> JobContext:
     # Ray workers run in their own working directory: local paths must be absolute.
     if not io.is_uri(out):
         out = os.path.abspath(out)
-    return JobContext(cfg, out, args.overwrite)
+    ctx = JobContext(cfg, out, args.overwrite)
+    if lock:
+        hold_output_dir(ctx)
+    return ctx
+
+
+def hold_output_dir(ctx: JobContext) -> None:
+    """Own the output dir for the life of this driver (``selfcorrect.runlock``): a second
+    driver on it exits 2 with one line naming the holder. Reentrant within a process."""
+    try:
+        note = runlock.acquire(ctx.output_dir)
+    except runlock.OutputDirBusy as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if note:
+        print(note, flush=True)
 
 
 def init_ray(cfg: Config) -> None:

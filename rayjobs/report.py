@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from rayjobs.common import JobContext, parse_args, read_manifest, run_stage
+from rayjobs.common import JobContext, hold_output_dir, parse_args, read_manifest, run_stage
 from selfcorrect import io
 from selfcorrect.report import write_report
 
@@ -38,12 +38,13 @@ def run(ctx: JobContext) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ctx = parse_args(__doc__, argv)
+    ctx = parse_args(__doc__, argv, lock=False)  # locked once it is known to exist
     if not io.exists(ctx.output_dir):
         raise SystemExit(
             f"{ctx.output_dir} does not exist; pass --output-dir of a run "
             "(python -m rayjobs.pipeline writes one)"
         )
+    hold_output_dir(ctx)
     path = run(ctx)
     print(f"report: {path}")
 

@@ -7,12 +7,15 @@ so an interrupted stage never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,19 +25,63 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 # The only names an interrupted write may leave behind (all hidden, all next to their target):
-# ``.<file>.<random>.tmp`` (write_bytes), ``.<dir>.tmp-<random>`` (staging_dir),
-# ``.<dir>.old-<random>`` (replace_dir) and ``.<dir>-ray`` (Ray Train checkpoints a rerun
-# resumes from; removed once the model is published).
+# ``.<file>.<tag>.tmp`` (write_bytes), ``.<dir>.tmp-<tag>`` (staging_dir),
+# ``.<dir>.old-<tag>`` (replace_dir) and ``.<dir>-ray`` (Ray Train checkpoints a rerun
+# resumes from; removed once the model is published). ``<tag>`` is ``<host>_<pid>_<random>``
+# (``OWNER_TAG``): the writer, so a clean-up never removes a live process's temp.
 TEMP_NAME = re.compile(
-    r"^\.(?P<target>.+?)(\.[a-z0-9_]+\.tmp|\.tmp-[a-z0-9_]+|\.old-[a-z0-9_]+|-ray)$"
+    r"^\.(?P<target>.+?)"
+    r"(\.(?P<tmp>[a-z0-9_]+)\.tmp|\.tmp-(?P<stage>[a-z0-9_]+)|\.old-(?P<old>[a-z0-9_]+)|-ray)$"
 )
+OWNER_TAG = re.compile(r"^(?P<host>[0-9a-f]{8})_(?P<pid>[0-9]+)_[a-z0-9_]+$")
+# A temp whose writer cannot be checked (another host, or a name without an owner) is only
+# removed once it is this old: no live write keeps a temp name for an hour.
+UNKNOWN_OWNER_STALE_S = 3600.0
+
+
+def host_tag() -> str:
+    """This machine in temp names: 8 hex digits of its host name."""
+    return hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def owner_prefix() -> str:
+    """``<host>_<pid>_``, the start of this process's temp tags."""
+    return f"{host_tag()}_{os.getpid()}_"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a zombie counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def temp_is_stale(path: Path, tag: str) -> bool:
+    """Whether a temp may be removed: its writer (named in ``tag``) no longer runs on this
+    machine; a writer on another machine, or a tag without a writer, counts as gone once the
+    temp has not changed for ``UNKNOWN_OWNER_STALE_S``."""
+    m = OWNER_TAG.match(tag)
+    if m and m.group("host") == host_tag():
+        return not pid_alive(int(m.group("pid")))
+    try:
+        age = time.time() - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age >= UNKNOWN_OWNER_STALE_S
 
 
 def remove_stale_temps(target: str | Path) -> list[str]:
     """Delete what an interrupted earlier write of ``target`` left next to it (temp files and
     staging / replaced directories; never the ``-ray`` checkpoints, which a rerun resumes
     from). Called before each new write, so a rerun after a kill ends with a clean directory.
-    Returns the removed paths."""
+    Only stale temps go (``temp_is_stale``): a temp of a process that is still writing (another
+    thread's, a Ray worker's, another driver's) is left alone. Returns the removed paths."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
@@ -42,6 +89,9 @@ def remove_stale_temps(target: str | Path) -> list[str]:
     for p in target.parent.iterdir():
         m = TEMP_NAME.match(p.name)
         if not m or m.group("target") != target.name or p.name.endswith("-ray"):
+            continue
+        tag = m.group("tmp") or m.group("stage") or m.group("old")
+        if not temp_is_stale(p, tag):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -96,7 +146,9 @@ def write_bytes(path: str, data: bytes) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.{owner_prefix()}", suffix=".tmp", dir=target.parent
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -195,7 +247,7 @@ def replace_dir(tmp_dir: str, final_dir: str) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = final.with_name(f".{final.name}.old-{owner_prefix()}{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
     os.replace(tmp_dir, final)
     if old is not None:
@@ -207,7 +259,7 @@ def staging_dir(final_dir: str) -> str:
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
-    return tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    return tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner_prefix()}", dir=final.parent)
 
 
 def upload_dir(local_dir: str, dest: str) -> None:

@@ -14,6 +14,16 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _release_run_locks():
+    """A job run in-process keeps its output dir's run lock for the life of the process (the
+    pytest process here): give it back after each test, as a driver's exit would."""
+    yield
+    from selfcorrect import runlock
+
+    runlock.release_all()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray instance (2 CPUs), started once and shared by every integration test."""

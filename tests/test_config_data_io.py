@@ -231,19 +231,75 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["t.parquet"]
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(proc.stdout)
+
+
 def test_rewrite_clears_what_a_killed_write_left(tmp_path):
     """A SIGKILL between temp file / staging dir and rename leaves designated temp names; the
     next write of the same target removes them (and only them: not other targets' temps, not
-    the Ray Train checkpoints a rerun resumes from)."""
-    leftovers = [".a.parquet.x1y2z3_4.tmp", ".ft.tmp-abc123de", ".ft.old-0a1b2c3d"]
-    kept = [".b.parquet.q9w8e7r6.tmp", ".ft-ray", "a.parquet.bak"]
+    the Ray Train checkpoints a rerun resumes from). Temps carry their writer: one whose
+    process is gone goes at once; one without a writer this machine can check (old name,
+    other host) only once it is an hour old."""
+    here, dead = io.host_tag(), _dead_pid()
+    leftovers = [
+        f".a.parquet.{here}_{dead}_x1y2z3_4.tmp",
+        f".ft.tmp-{here}_{dead}_abc123de",
+        f".ft.old-{here}_{dead}_0a1b2c3d",
+        ".a.parquet.k9j8h7g6.tmp",  # no writer in the name, two hours old
+        ".ft.tmp-0123abcd_77_oldhost",  # another host's, two hours old
+    ]
+    kept = [
+        f".b.parquet.{here}_{dead}_q9w8e7r6.tmp",  # another target's
+        ".ft-ray",
+        "a.parquet.bak",
+        ".a.parquet.m1n2b3v4.tmp",  # no writer, fresh
+        ".ft.old-0123abcd_77_fresh",  # another host's, fresh
+    ]
     for name in leftovers + kept:
         (tmp_path / name).mkdir() if "ft" in name else (tmp_path / name).write_text("partial")
-    assert all(io.TEMP_NAME.match(n) for n in leftovers + kept[:2])
+    for name in leftovers[3:]:
+        os.utime(tmp_path / name, (1, os.path.getmtime(tmp_path / name) - 7200))
+    assert all(io.TEMP_NAME.match(n) for n in leftovers + kept if n != "a.parquet.bak")
     assert not io.TEMP_NAME.match("a.parquet.bak")
     io.write_parquet(str(tmp_path / "a.parquet"), pa.table({"x": [1]}))
     io.replace_dir(io.staging_dir(str(tmp_path / "ft")), str(tmp_path / "ft"))
     assert sorted(os.listdir(tmp_path)) == sorted(["a.parquet", "ft", *kept])
+
+
+def test_temps_of_a_live_writer_are_never_removed(tmp_path):
+    """Two writers of one target (another driver, a Ray worker, a thread): neither removes the
+    other's temp file or staging dir while its process runs."""
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tag = f"{io.host_tag()}_{other.pid}_"
+        live = [f".manifest.json.{tag}r4nd0m_1.tmp", f".ft.tmp-{tag}abc", f".ft.old-{tag}def"]
+        mine = [f".manifest.json.{io.owner_prefix()}another_thread.tmp"]
+        for name in live + mine:
+            (tmp_path / name).mkdir() if "ft" in name else (tmp_path / name).write_text("x")
+            os.utime(tmp_path / name, (1, 1))  # old does not mean abandoned
+        io.write_json(str(tmp_path / "manifest.json"), {"stages": {}})
+        io.replace_dir(io.staging_dir(str(tmp_path / "ft")), str(tmp_path / "ft"))
+        assert sorted(os.listdir(tmp_path)) == sorted(["manifest.json", "ft", *live, *mine])
+        assert io.remove_stale_temps(tmp_path / "manifest.json") == []
+    finally:
+        other.kill()
+        other.wait()
+    # Its writer gone, the temp is what a killed write left: the next write removes it.
+    io.write_json(str(tmp_path / "manifest.json"), {"stages": {}})
+    assert not (tmp_path / live[0]).exists() and (tmp_path / mine[0]).exists()
 
 
 def test_data_job_skips_when_done_and_refuses_other_experiment(tmp_path, capsys):

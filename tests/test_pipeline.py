@@ -65,7 +65,8 @@ def test_switched_off_stages_have_nothing_to_do():
     assert by_name["data"].narrow(cfg) is cfg
 
 
-def test_stages_and_skip_flags(tmp_path):
+def test_stages_and_skip_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output dir runs/smoke is made (and locked) here
     ctx, steps = pipeline.parse(
         ["--config", SMOKE, "--output-dir", str(tmp_path), "--stages", "data,eval,report"]
     )
