@@ -97,11 +97,13 @@ def false_alarm_targets(tokenizer, example: Example, offsets: list[tuple[int, in
     """
     signal = recognition_signal(example)
     sig = tokenizer(signal, add_special_tokens=False, return_offsets_mapping=True)
-    sig_at = {s: t for t, (s, e) in zip(sig["input_ids"], sig["offset_mapping"]) if e > s}
+    sig_at = {
+        s: t for t, (s, e) in zip(sig["input_ids"], sig["offset_mapping"], strict=True) if e > s
+    }
     tok_at = {s: i for i, (s, e) in enumerate(offsets) if e > s}
     out = np.full(len(offsets), -1, dtype=np.int64)
     correct = (Span.GOLDEN, Span.CORRECTION)
-    for (_, _, prev), (s, e, kind) in zip(example.spans, example.spans[1:]):
+    for (_, _, prev), (s, e, kind) in zip(example.spans[:-1], example.spans[1:], strict=True):
         if kind != Span.GOLDEN or prev not in correct:
             continue
         line = example.text[s:e]
