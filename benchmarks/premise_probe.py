@@ -102,7 +102,10 @@ def main() -> None:
         base = os.path.join(args.cache, f"base-{args.task}-{steps}-{t.base_lr}-seed{cfg.seed}")
         if not os.path.isdir(base):
             bcfg = dataclasses.replace(
-                cfg, train=dataclasses.replace(t, lr=t.base_lr or t.lr, checkpoint_every=0)
+                cfg,
+                train=dataclasses.replace(
+                    t, lr=t.base_lr or t.lr, checkpoint_every=0, max_steps=steps
+                ),
             )
             _, session = train_local(bcfg, args.task, "ft", prompts, max_steps=steps)
             tmp = base + ".tmp"
@@ -110,7 +113,10 @@ def main() -> None:
             os.replace(tmp, base)
 
     every = max(1, args.steps // args.points)
-    mcfg = dataclasses.replace(cfg, train=dataclasses.replace(t, checkpoint_every=every))
+    # The LR schedule spans train.max_steps: set it, not just the loop's step count.
+    mcfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(t, checkpoint_every=every, max_steps=args.steps)
+    )
     t0 = time.time()
     last, session = train_local(
         mcfg, args.task, args.method, prompts, init_model_path=base, max_steps=args.steps
