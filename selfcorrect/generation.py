@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,10 @@ from selfcorrect.tasks.base import ANSWER_PREFIX
 
 __all__ = [
     "GenerationActor",
+    "Rollout",
     "answer_line_done",
     "generate",
+    "generate_rollouts",
     "generation_ray_args",
     "map_generate",
 ]
@@ -92,7 +95,27 @@ def _strip_specials(text: str, tokenizer: Any) -> str:
     return text
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Rollout:
+    """One continuation as the sampler produced it (``generate_rollouts``).
+
+    ``text`` is what ``generate`` returns for the row. ``token_ids`` are the tokens the
+    sampler actually drew, in order: the ones to score when training on the rollout
+    (GRPO), since re-tokenising ``text`` can segment it differently under a BPE tokenizer,
+    and ``text`` has special tokens stripped and is cut after the ANSWER line.
+    """
+
+    text: str
+    prompt_ids: tuple[int, ...]  # the prefix as the model saw it
+    token_ids: tuple[int, ...]  # every sampled token; the last is the EOS iff stop == "eos"
+    stop: str  # "eos" (sampled an EOS) | "answer" | "length" (max_new_tokens) | "context"
+
+    @property
+    def sampled_eos(self) -> bool:
+        """True when the sampler drew an EOS (then it is the last of ``token_ids``)."""
+        return self.stop == "eos"
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -105,6 +128,36 @@ def generate(
     max_length: int | None = None,
 ) -> list[str]:
     """Continue each prefix; returns the continuation texts in input order.
+
+    ``[r.text for r in generate_rollouts(...)]``: see ``generate_rollouts`` for the
+    arguments and when a row stops.
+    """
+    rollouts = generate_rollouts(
+        model,
+        tokenizer,
+        prefixes,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seeds=seeds,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    return [r.text for r in rollouts]
+
+
+@torch.inference_mode()
+def generate_rollouts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> list[Rollout]:
+    """Continue each prefix; returns one ``Rollout`` per prefix, in input order.
 
     Greedy at ``temperature == 0``; otherwise sampling where row ``i`` depends
     only on ``prefixes[i]`` and ``seeds[i]`` (not on batching or order). A row
@@ -153,13 +206,13 @@ def generate(
             )
     # Longest first: similar lengths share a batch (little padding), and memory errors come early.
     order = sorted(range(len(prefixes)), key=lambda i: -len(ids[i]))
-    out: list[str] = [""] * len(prefixes)
+    out: list[Rollout | None] = [None] * len(prefixes)
     was_training = model.training
     model.eval()
     try:
         for b0 in range(0, len(order), batch_size):
             rows = order[b0 : b0 + batch_size]
-            texts = _generate_batch(
+            rollouts = _generate_batch(
                 model,
                 tokenizer,
                 [ids[i] for i in rows],
@@ -169,11 +222,11 @@ def generate(
                 temperature,
                 context,
             )
-            for i, t in zip(rows, texts, strict=True):
-                out[i] = t
+            for i, r in zip(rows, rollouts, strict=True):
+                out[i] = r
     finally:
         model.train(was_training)
-    return out
+    return out  # type: ignore[return-value]  # every slot is filled
 
 
 def _generate_batch(
@@ -185,7 +238,7 @@ def _generate_batch(
     max_new_tokens: int,
     temperature: float,
     context: int | None = None,
-) -> list[str]:
+) -> list[Rollout]:
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -213,7 +266,8 @@ def _generate_batch(
     # Line start for the ANSWER check: the prefix's unfinished last line continues in the output.
     tails = [p[p.rfind("\n") + 1 :] for p in prefixes]
 
-    generated: list[list[int]] = [[] for _ in range(B)]
+    generated: list[list[int]] = [[] for _ in range(B)]  # sampled ids (a sampled EOS too)
+    stop = ["length"] * B  # why each row stopped; "length" until something else ends it
     line_start = [0] * B  # token index where each row's unfinished line begins
     active = torch.arange(B, device=device)  # original row of each live batch slot
     cache = DynamicCache()
@@ -244,17 +298,20 @@ def _generate_batch(
         check = (newline[nxt] & ~finished).tolist()
         fin = finished.tolist()
         for slot, (row, tok) in enumerate(zip(act_cpu, nxt_cpu, strict=True)):
-            if fin[slot]:
-                continue
             generated[row].append(tok)
+            if fin[slot]:
+                stop[row] = "eos"
+                continue
             if context is not None and len(ids[row]) + len(generated[row]) >= context:
                 fin[slot] = True  # the context is full: no position left for another token
+                stop[row] = "context"
                 continue
             if check[slot]:
                 # Only the line(s) this newline completed: earlier lines were checked already.
                 head = tails[row] if line_start[row] == 0 else ""
                 if answer_line_done(head + _decode(tokenizer, generated[row][line_start[row] :])):
                     fin[slot] = True
+                    stop[row] = "answer"
                 line_start[row] = len(generated[row])
         keep = [s for s, f in enumerate(fin) if not f]
         if not keep:
@@ -268,12 +325,14 @@ def _generate_batch(
         step_pos = step_pos[:, -1:] + 1  # [b, 1]
         attn = torch.cat([attn, torch.ones_like(step_ids)], dim=-1)  # [b, past + 1]
 
-    texts = []
+    out = []
     for row in range(B):
-        text = _decode(tokenizer, generated[row])
+        body = generated[row][:-1] if stop[row] == "eos" else generated[row]  # [no EOS]
+        text = _decode(tokenizer, body)
         end = answer_line_done(tails[row] + text)  # cut what a multi-char token put after it
-        texts.append(text if end is None else text[: end - len(tails[row])])
-    return texts
+        text = text if end is None else text[: end - len(tails[row])]
+        out.append(Rollout(text, tuple(ids[row]), tuple(generated[row]), stop[row]))
+    return out
 
 
 def model_context(model: torch.nn.Module) -> int | None:

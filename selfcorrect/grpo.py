@@ -19,7 +19,7 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from selfcorrect.config import Config, ConfigError, config_from_dict
+from selfcorrect.generation import Rollout
 from selfcorrect.tasks import (
     Problem,
     Task,
@@ -67,10 +68,11 @@ class SelfCorrectionCounts:
 
     corrections: int  # real wrong step -> recognition -> a correct step for the state before it
     false_alarms: int  # recognition after a correct step (or with no step before it)
+    wrong_steps: int  # every wrong or malformed step line, fixed or not (parrots included)
 
 
 def self_correction_counts(task: Task, problem: Problem, completion: str) -> SelfCorrectionCounts:
-    """Count real corrections and false alarms with the shared verifier's line walk."""
+    """Count wrong steps, real corrections and false alarms with the shared verifier's line walk."""
     events = walk_trace(task, problem, split_lines(completion))
     corrections = false_alarms = 0
     for i, ev in enumerate(events):
@@ -85,21 +87,56 @@ def self_correction_counts(task: Task, problem: Problem, completion: str) -> Sel
         nxt = events[i + 1] if i + 1 < len(events) else None
         if nxt is not None and nxt.kind == "step_ok":
             corrections += 1
-    return SelfCorrectionCounts(corrections, false_alarms)
+    wrong_steps = sum(ev.kind == "step_wrong" for ev in events)
+    return SelfCorrectionCounts(corrections, false_alarms, wrong_steps)
 
 
-def make_reward_self_correction(bonus: float = 0.5, false_alarm_penalty: float = 0.5) -> RewardFn:
-    """Answer reward + ``bonus`` if the completion fixed at least one real wrong step,
-    minus ``false_alarm_penalty`` per recognition line that followed a correct step.
+FIXED_ERROR_COST = 0.1  # what a wrong step still costs after it was recognised and fixed
 
-    The bonus is paid once per completion, not per fix, so the policy cannot farm
-    it by making mistakes on purpose and correcting them.
+
+def make_reward_self_correction(
+    bonus: float = 0.5,
+    false_alarm_penalty: float = 0.5,
+    fixed_error_cost: float = FIXED_ERROR_COST,
+) -> RewardFn:
+    """Answer reward, minus a cost per wrong step that fixing reduces but never cancels.
+
+        reward = answer (1 or 0)
+                 - fixed_error_cost                * (wrong steps that were fixed)
+                 - (fixed_error_cost + bonus)      * (wrong steps left standing)
+                 - false_alarm_penalty             * (recognitions after a correct step)
+
+    A wrong step is fixed when the recognition line follows it and the next line is a
+    correct step for the state before it (``self_correction_counts``); a parrot of the
+    wrong step after the recognition is itself another wrong step. The ordering this gives:
+
+    * the clean correct trace scores 1.0, the most any completion can score;
+    * the same trace with a mistake recognised and fixed scores 1.0 - ``fixed_error_cost``:
+      a correct recovery is never worth more than not erring, so planting mistakes in
+      order to fix them always lowers the reward (``fixed_error_cost`` must be > 0);
+    * the mistake left standing costs ``bonus`` more again, even when the answer line
+      still comes out right, so among completions that erred, recovering pays.
+
+    Each term is counted per step (not once per completion), so nothing can be farmed:
+    every extra mistake costs at least ``fixed_error_cost``.
     """
+    if fixed_error_cost <= 0:
+        raise ValueError(
+            f"fixed_error_cost must be > 0 (got {fixed_error_cost}): otherwise a planted, "
+            "fixed mistake scores as much as the clean trace"
+        )
+    if bonus < 0 or false_alarm_penalty < 0:
+        raise ValueError("bonus and false_alarm_penalty must be >= 0")
 
     def reward_self_correction(task: Task, problem: Problem, completion: str) -> float:
         c = self_correction_counts(task, problem, completion)
-        r = reward_answer(task, problem, completion)
-        return r + (bonus if c.corrections > 0 else 0.0) - false_alarm_penalty * c.false_alarms
+        left_standing = c.wrong_steps - c.corrections  # >= 0: each fix follows its own wrong step
+        return (
+            reward_answer(task, problem, completion)
+            - fixed_error_cost * c.corrections
+            - (fixed_error_cost + bonus) * left_standing
+            - false_alarm_penalty * c.false_alarms
+        )
 
     return reward_self_correction
 
@@ -107,14 +144,20 @@ def make_reward_self_correction(bonus: float = 0.5, false_alarm_penalty: float =
 REWARDS = ("answer", "steps", "self_correction")
 
 
-def get_reward(name: str, *, bonus: float = 0.5, false_alarm_penalty: float = 0.5) -> RewardFn:
+def get_reward(
+    name: str,
+    *,
+    bonus: float = 0.5,
+    false_alarm_penalty: float = 0.5,
+    fixed_error_cost: float = FIXED_ERROR_COST,
+) -> RewardFn:
     """The reward function named by ``cfg.grpo.reward``."""
     if name == "answer":
         return reward_answer
     if name == "steps":
         return reward_steps
     if name == "self_correction":
-        return make_reward_self_correction(bonus, false_alarm_penalty)
+        return make_reward_self_correction(bonus, false_alarm_penalty, fixed_error_cost)
     raise ValueError(
         f"unknown GRPO reward {name!r}; set grpo.reward to one of {', '.join(REWARDS)}"
     )
@@ -139,34 +182,27 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     return ((r - mean) / (std + eps)).view(-1)
 
 
-def completion_batch(
-    tokenizer, prefixes: list[str], completions: list[str], max_new_tokens: int
-) -> dict[str, torch.Tensor]:
-    """Prefix + completion token ids, right-padded, with a mask over the completion tokens.
+def completion_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompt + sampled token ids, right-padded, with a mask over exactly the sampled tokens.
 
-    An EOS token is appended to completions that stopped before ``max_new_tokens``
-    (they ended on EOS), so the policy is also trained on when to stop.
+    The completion is ``Rollout.token_ids``, the ids the sampler drew, never the text
+    re-tokenised (a BPE tokenizer can segment decoded text differently, which would train
+    on tokens the policy never sampled). Nothing is appended: an EOS is in the completion,
+    and so gets the policy gradient and the KL term, only where the sampler drew it
+    (``Rollout.sampled_eos``), not after a rollout that stopped at its ANSWER line, at
+    ``max_new_tokens`` or at full context.
     Returns input_ids / attention_mask / completion_mask, each [B, T].
     """
-    eos = tokenizer.eos_token_id
-    rows: list[tuple[list[int], list[int]]] = []
-    for prefix, comp in zip(prefixes, completions, strict=True):
-        p = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        c = tokenizer(comp, add_special_tokens=False)["input_ids"][:max_new_tokens]
-        if len(c) < max_new_tokens:
-            c = c + [eos]
-        rows.append((p, c))
-    T = max(len(p) + len(c) for p, c in rows)
-    B = len(rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    B = len(rollouts)
+    T = max(len(r.prompt_ids) + len(r.token_ids) for r in rollouts)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention = torch.zeros((B, T), dtype=torch.long)
     comp_mask = torch.zeros((B, T), dtype=torch.float32)
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        input_ids[i, :n] = torch.tensor(p + c)
+    for i, r in enumerate(rollouts):
+        p, n = len(r.prompt_ids), len(r.prompt_ids) + len(r.token_ids)
+        input_ids[i, :n] = torch.tensor(r.prompt_ids + r.token_ids, dtype=torch.long)
         attention[i, :n] = 1
-        comp_mask[i, len(p) : n] = 1.0
+        comp_mask[i, p:n] = 1.0  # the sampled tokens; padding after them stays 0
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": comp_mask}
 
 
@@ -212,10 +248,14 @@ def grpo_loss(
     exp(ref - logp) - (ref - logp) - 1 >= 0. Each sequence's token mean is averaged
     over the batch, so long and short completions weigh the same per sample.
     """
-    ratio = torch.exp(logp - old_logp)  # [B, T]
+    # Mask the log-ratios *before* exponentiating: a position outside the completion (padding)
+    # can hold any logit gap, exp of a large one is inf, and inf * 0 is nan in the loss and its
+    # gradient. At masked positions ratio = 1 and kl = 0, and torch.where passes no gradient.
+    keep = mask > 0  # [B, T] bool
+    ratio = torch.exp(torch.where(keep, logp - old_logp, 0.0))  # [B, T]
     adv = advantages.unsqueeze(1)  # [B, 1]
     surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
-    d = ref_logp - logp
+    d = torch.where(keep, ref_logp - logp, 0.0)  # [B, T]
     kl = torch.exp(d) - d - 1  # [B, T]
     per_token = -(surr - kl_coef * kl)
     n_tok = mask.sum(1).clamp_min(1.0)  # [B]
@@ -289,7 +329,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     verifier, and takes ``updates_per_batch`` optimizer steps on them.
     """
     from selfcorrect.data import stream_rng
-    from selfcorrect.generation import generate
+    from selfcorrect.generation import generate, generate_rollouts
     from selfcorrect.models import load_model, resolve_bf16
     from selfcorrect.tasks import get_task
     from selfcorrect.training import (
@@ -330,6 +370,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
 
     init_dir = _local_model_dir(config["init_model_path"])
     model, tok = build_training_model(cfg, init_dir)  # LoRA adapters if model.lora
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model.to(device)
     ref, _ = load_model(init_dir, device=device)
     ref.requires_grad_(False)
@@ -386,7 +427,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
         prefixes = [train_prompts[i] + "\n" for i in mine for _ in range(g.group_size)]
         problems = [train_problems[i] for i in mine for _ in range(g.group_size)]
         with engine.gathered():
-            completions = generate(
+            rollouts = generate_rollouts(
                 engine.module,
                 tok,
                 prefixes,
@@ -398,11 +439,12 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
         t_gen = time.time() - t0
 
         t1 = time.time()
+        # Rewards read the text; the loss scores the ids the sampler drew (completion_batch).
         rewards = torch.tensor(
-            [reward_fn(task, p, c) for p, c in zip(problems, completions, strict=True)]
+            [reward_fn(task, p, r.text) for p, r in zip(problems, rollouts, strict=True)]
         )  # [local_seqs], group after group
         adv = group_advantages(rewards, g.group_size).to(device)  # [local_seqs]
-        batch = completion_batch(tok, prefixes, completions, g.max_new_tokens)
+        batch = completion_batch(rollouts, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = batch["completion_mask"][:, 1:]  # [B, T-1]: next-token positions in completions
         chunks = [slice(i, i + micro) for i in range(0, local_seqs, micro)]
