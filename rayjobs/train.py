@@ -179,6 +179,7 @@ def train_one(
             raise ValueError("hybrid needs onpolicy_path (the harvest of the FT model on train)")
         onpolicy = load_onpolicy(onpolicy_path)
     preflight(cfg, task_name, method, prompts, onpolicy, init_model_path)
+    probe = probe_items_for(cfg, task_name, method, train_path)
     name = run_name or f"{task_name}-{method}-{train_hash(cfg, task_name, method)}"
     trainer = make_trainer(
         cfg,
@@ -191,6 +192,7 @@ def train_one(
             "init_model_path": init_model_path,
             "max_steps": max_steps,
             "crash": crash,
+            "probe_items": probe,
         },
         name=name,
         storage_path=_ray_storage(out_dir),
@@ -199,6 +201,24 @@ def train_one(
     result = trainer.fit()
     history = publish_final(result, out_dir, "train_state.json", f"training {task_name}/{method}")
     return history[-1] if history else {}
+
+
+def probe_items_for(cfg: Config, task_name: str, method: str, train_path: str) -> list[dict]:
+    """Learning-curve probe items (``selfcorrect.probes``) for a method with error traces:
+    synthetic items on the test split, plus the FT model's test errors once harvested."""
+    if not cfg.train.probe_every or method not in ("eift", "hybrid", "insec"):
+        return []
+    from selfcorrect.probes import probe_items
+    from selfcorrect.tasks import get_task
+
+    task_dir = train_path.rsplit("/data/", 1)[0]  # <output-dir>/<task>
+    test = io.read_parquet(io.join(task_dir, "data", "test.parquet")).to_pylist()
+    ft_test = io.join(task_dir, "harvest", "ft-test.parquet")
+    harvest = io.read_parquet(ft_test).to_pylist() if io.exists(ft_test) else None
+    task = get_task(task_name, **cfg.task_options(task_name))
+    return probe_items(
+        task, test, harvest, cfg.seed, cfg.train.probe_items, cfg.error_weights(task_name)
+    )
 
 
 def make_trainer(

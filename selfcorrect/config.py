@@ -145,6 +145,12 @@ class TrainConfig:
         "the EIFT line, </mistake>): the one choice the line stands for",
     )
     log_every: int = _f(20, "steps between metric reports")
+    probe_every: int = _f(
+        0,
+        "steps between learning-curve probes of methods with error traces: greedy recognition "
+        "of synthetic and FT errors on a fixed item set (0 = off; skipped under ZeRO-3)",
+    )
+    probe_items: int = _f(48, "items per condition (synthetic, FT errors) in each probe")
 
     def validate(self) -> None:
         for m in self.methods:
@@ -182,9 +188,10 @@ class TrainConfig:
         )
         _check(self.max_failures >= -1, "train.max_failures", "must be >= 0 (-1 = retry forever)")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.probe_every >= 0, "train.probe_every", "must be >= 0 (0 = no probes)")
+        _check(self.probe_items >= 1, "train.probe_items", "must be >= 1")
         _check(
-            min(self.w_recognition, self.w_correction, self.w_unlikelihood, self.w_decision)
-            >= 0,
+            min(self.w_recognition, self.w_correction, self.w_unlikelihood, self.w_decision) >= 0,
             "train.w_recognition/w_correction/w_unlikelihood/w_decision",
             "loss weights must be >= 0",
         )

@@ -514,6 +514,8 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
 
     max_steps = int(config.get("max_steps") or t.max_steps)
     ckpt_every = t.checkpoint_every
+    probe = config.get("probe_items") or []
+    probe_every = t.probe_every if probe and t.zero_stage < 3 else 0
 
     def checkpoint(step: int, metrics: dict[str, Any], final: bool) -> None:
         report_checkpoint(engine, tok, cfg, session, rank, step, metrics, history, final, resumes)
@@ -551,9 +553,16 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         out_of_time = _all_max(float(out_of_time)) > 0  # every rank stops at the same step
         final = done == max_steps or out_of_time
         due_ckpt = final or (ckpt_every and done % ckpt_every == 0)
-        if final or due_ckpt or done % max(1, t.log_every) == 0:
+        due_probe = bool(probe_every) and (final or done % probe_every == 0)
+        if final or due_ckpt or due_probe or done % max(1, t.log_every) == 0:
             last = acc.metrics(done, lr, grad_norm, time.time() - t_window, world)
             last["bf16"] = bf16
+            if due_probe and rank == 0:
+                from selfcorrect.probes import probe_recognition
+                from selfcorrect.tasks import get_task
+
+                task = get_task(task_name, **cfg.task_options(task_name))
+                last.update(probe_recognition(engine.module, tok, task, probe))
             acc = _Accumulator(kinds)
             t_window = time.time()
             history.append(last)
@@ -696,6 +705,7 @@ def train_local(
     init_model_path: str | None = None,
     max_steps: int | None = None,
     checkpoint_root: str | None = None,
+    probe_items: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], LocalSession]:
     """Run the loop in this process (one worker, no Ray): tests, benchmarks and notebooks.
 
@@ -710,5 +720,6 @@ def train_local(
         "onpolicy": onpolicy,
         "init_model_path": init_model_path,
         "max_steps": max_steps,
+        "probe_items": probe_items,
     }
     return run_training(config, session), session

@@ -181,3 +181,51 @@ def test_carry_only_weights_on_a_problem_without_carries():
     ex = eift_example(task, p, rng, type_weights={"carry": 1.0})
     assert ex.error_types == [] or set(ex.error_types) == {"carry"}
     insec_example(task, p, rng, p_mistake=1.0, type_weights={"carry": 1.0})
+
+
+def test_training_logs_decision_metrics_and_learning_curve_probes(tmp_path):
+    """EIFT logs the decision (loss, accuracy, false alarms) at every log step and greedy
+    recognition probes at every probe step; the decision loss falls as it trains."""
+    import os
+
+    from selfcorrect.config import load_config
+    from selfcorrect.data import make_splits
+    from selfcorrect.probes import probe_items
+    from selfcorrect.training import train_local
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(
+        os.path.join(repo, "configs", "smoke.yaml"),
+        [
+            "train.log_every=1",
+            "train.cpus_per_worker=1",
+            "train.checkpoint_every=0",
+            "train.injection_rate=1.0",
+            "train.w_decision=5",
+            "train.probe_every=10",
+            "train.probe_items=6",
+        ],
+    )
+    task = get_task("multiplication", digits_a=2, digits_b=2)
+    splits = make_splits(task, 64, 8, 0)
+    prompts = splits["train"].column("prompt").to_pylist()
+    items = probe_items(task, splits["test"].to_pylist(), None, 0, 6)
+    assert {it["condition"] for it in items} == {"synthetic"} and len(items) == 6
+    last, session = train_local(
+        cfg,
+        "multiplication",
+        "eift",
+        prompts,
+        max_steps=20,
+        checkpoint_root=str(tmp_path),
+        probe_items=items,
+    )
+    hist = session.reports
+    for h in hist:
+        assert {"decision_loss", "decision_accuracy", "decision_false_alarm_rate"} <= set(h)
+        assert 0 <= h["decision_accuracy"] <= 1 and 0 <= h["decision_false_alarm_rate"] <= 1
+    probed = [h["step"] for h in hist if "probe_synthetic_recognition" in h]
+    assert probed == [10, 20]
+    early = sum(h["decision_loss"] for h in hist[:3]) / 3
+    late = sum(h["decision_loss"] for h in hist[-3:]) / 3
+    assert late < early
