@@ -7,7 +7,10 @@ Why our own loop over ``past_key_values`` instead of ``model.generate``:
   Data, and a retried batch must give the same text). Each row draws one
   uniform number per step from its own ``numpy`` generator and picks its token
   by inverse-CDF, which is vectorised on the device;
-* a row stops at EOS or at the end of its ``ANSWER`` line, and finished rows are
+* a row stops at EOS or once its trace's answer stands (``tasks.base.trace_end``: an
+  ``ANSWER`` line followed by a complete line that is not a recognition line, which is
+  then cut; a recognition line after an ANSWER line retracts it and the row goes on, so
+  a premature answer can be recognised like any wrong step), and finished rows are
   dropped from the batch and the KV cache, so short answers stop costing compute;
 * prompts are sorted by length before batching, so little compute goes on padding.
 
@@ -28,11 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfcorrect.tasks.base import ANSWER_PREFIX
+from selfcorrect.tasks.base import clean_line, is_answer, is_recognition, split_lines, trace_end
 
 __all__ = [
     "GenerationActor",
-    "answer_line_done",
     "generate",
     "generation_ray_args",
     "map_generate",
@@ -69,21 +71,6 @@ def _newline_table(tokenizer: Any, vocab_size: int) -> torch.Tensor:
     return table
 
 
-def answer_line_done(text: str) -> int | None:
-    """End index (after its newline) of the first complete ``ANSWER ...`` line in ``text``, or None.
-
-    ``text`` must start at the beginning of a line.
-    """
-    start = 0
-    while True:
-        nl = text.find("\n", start)
-        if nl < 0:
-            return None
-        if text[start:nl].lstrip().startswith(ANSWER_PREFIX):
-            return nl + 1
-        start = nl + 1
-
-
 def _strip_specials(text: str, tokenizer: Any) -> str:
     """Remove pad/eos/bos markers only: InSeC's ``<mistake>``/``</mistake>`` must survive."""
     for tok in (tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token):
@@ -108,9 +95,10 @@ def generate(
 
     Greedy at ``temperature == 0``; otherwise sampling where row ``i`` depends
     only on ``prefixes[i]`` and ``seeds[i]`` (not on batching or order). A row
-    stops at EOS, after its ``ANSWER`` line's newline, at ``max_new_tokens``, or when it
-    fills the model's context. Special tokens other than pad/eos/bos (e.g. ``</mistake>``)
-    are kept.
+    stops at EOS, once its answer stands (an ``ANSWER`` line followed by a complete
+    line that is not a recognition line; that line is cut unless the ANSWER line was
+    the prefix's), at ``max_new_tokens``, or when it fills the model's context. Special
+    tokens other than pad/eos/bos (e.g. ``</mistake>``) are kept.
 
     ``max_length`` is the model's context in tokens (default: the model config's
     ``max_position_embeddings``, which ``model.max_length`` sets for the presets). A prefix
@@ -212,6 +200,13 @@ def _generate_batch(
     newline = _newline_table(tokenizer, vocab).to(device)
     # Line start for the ANSWER check: the prefix's unfinished last line continues in the output.
     tails = [p[p.rfind("\n") + 1 :] for p in prefixes]
+    # Whether the last finished line is an ANSWER line awaiting the next line's verdict
+    # (an item whose prefix ends in a premature answer starts so).
+    last = [split_lines(p[: p.rfind("\n") + 1])[-1:] for p in prefixes]
+    pending = [bool(x) and is_answer(x[0]) for x in last]
+    heads = [
+        (x[0] + "\n" if pend else "") + t for x, pend, t in zip(last, pending, tails, strict=True)
+    ]
 
     generated: list[list[int]] = [[] for _ in range(B)]
     line_start = [0] * B  # token index where each row's unfinished line begins
@@ -253,8 +248,15 @@ def _generate_batch(
             if check[slot]:
                 # Only the line(s) this newline completed: earlier lines were checked already.
                 head = tails[row] if line_start[row] == 0 else ""
-                if answer_line_done(head + _decode(tokenizer, generated[row][line_start[row] :])):
-                    fin[slot] = True
+                window = head + _decode(tokenizer, generated[row][line_start[row] :])
+                for raw in window.split("\n")[:-1]:
+                    line = clean_line(raw)
+                    if not line:
+                        continue
+                    if pending[row] and not is_recognition(line):
+                        fin[slot] = True  # the answer stands: the trace is over
+                        break
+                    pending[row] = is_answer(line)
                 line_start[row] = len(generated[row])
         keep = [s for s, f in enumerate(fin) if not f]
         if not keep:
@@ -271,8 +273,11 @@ def _generate_batch(
     texts = []
     for row in range(B):
         text = _decode(tokenizer, generated[row])
-        end = answer_line_done(tails[row] + text)  # cut what a multi-char token put after it
-        texts.append(text if end is None else text[: end - len(tails[row])])
+        # Cut what follows the answer that stands (exact, whatever the token boundaries).
+        end = trace_end(heads[row] + text)
+        texts.append(
+            text if end is None or end <= len(heads[row]) else text[: end - len(heads[row])]
+        )
     return texts
 
 
