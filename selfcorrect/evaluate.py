@@ -22,6 +22,19 @@ Definitions, for a wrong step W written at state S (the state before W):
 * false alarm: a recognition line right after a correct step; the rate is
   (recognitions after correct steps) / (correct steps) over model-written lines.
 
+How a generation is read (one definition, shared with harvest and GRPO rewards, in
+``selfcorrect.tasks.base``; issue 20):
+
+* Only complete lines count (``complete_lines``): a last line cut by ``max_new_tokens``
+  is neither an error nor a correct step.
+* An ANSWER line written before the work is done is a wrong step like any other, and
+  the model can recognise it: a recognition line right after an ANSWER line retracts it,
+  and the line after that is judged as a correction. So a premature answer stays in the
+  ``own_errors`` denominator for every model and can also count as recognised. The
+  trace's answer (accuracy) is its first ANSWER line that is not retracted; the trace
+  ends there. Generation follows the same rule: it does not stop at an ANSWER line,
+  only once the line after it is complete and is not a recognition line (or at EOS).
+
 Summary rates (``summarize``) are shares of all items of a condition, so
 ``correction_rate + (recognized but neither) + missed = 1``; the conditional
 ``correction_given_recognition`` / ``parrot_given_recognition`` are extra columns.
@@ -38,12 +51,12 @@ import pandas as pd
 from selfcorrect.data import stream_rng
 from selfcorrect.harvest import pick_gold
 from selfcorrect.tasks import (
-    ANSWER_PREFIX,
     LineEvent,
     Problem,
     Task,
     applicable_weights,
     classify_error,
+    complete_lines,
     final_answer_correct,
     is_recognition,
     sample_error,
@@ -158,20 +171,6 @@ def count_false_alarms(events: Sequence[LineEvent]) -> tuple[int, int]:
     return n_ok, n_fa
 
 
-def complete_lines(text: str) -> list[str]:
-    """Lines of a generation, dropping a last line cut off by the token cap.
-
-    A finished line ends in a newline (every trained line does, the answer line
-    included), so an unterminated non-answer tail is a truncation, not a step the
-    model chose to write, and must not be counted as an error or a correct step.
-    """
-    lines = split_lines(text)
-    if lines and not text.rstrip(" \t").endswith("\n"):
-        if not lines[-1].startswith(ANSWER_PREFIX.strip()):
-            lines = lines[:-1]
-    return lines
-
-
 def score_after_error(
     task: Task, problem: Problem, state_before: Any, wrong_step: str, continuation: str
 ) -> dict[str, Any]:
@@ -232,17 +231,17 @@ def own_errors(task: Task, problem: Problem, completion: str) -> list[dict[str, 
     Each wrong step W (malformed lines included, classified ``other``) yields
     recognized / corrected / parroted exactly as after an injected error; the
     state S is the one the model was in when it wrote W. As in harvesting
-    (``selfcorrect.harvest.score_sample``), an ANSWER line written before the work
-    is done is a wrong step, and a line written after the last step (where no
-    correct step exists to correct it to) is not scored.
+    (``selfcorrect.harvest.score_sample``, whose first error is the first row here),
+    an ANSWER line written before the work is done is a wrong step that the model can
+    recognise, and a line written after the last step (where no correct step exists
+    to correct it to) is not scored.
     """
     lines = complete_lines(completion)
     events = walk_trace(task, problem, lines)
     correct = final_answer_correct(task, problem, completion)
     out = []
     for i, ev in enumerate(events):
-        premature = ev.kind == "answer" and not task.is_done(ev.state_before)
-        if ev.kind != "step_wrong" and not premature:
+        if ev.kind != "step_wrong":  # a premature ANSWER line is one (walk_trace)
             continue
         gold = pick_gold(task, ev.state_before, ev.line)
         if gold is None:

@@ -7,7 +7,10 @@ Why our own loop over ``past_key_values`` instead of ``model.generate``:
   Data, and a retried batch must give the same text). Each row draws one
   uniform number per step from its own ``numpy`` generator and picks its token
   by inverse-CDF, which is vectorised on the device;
-* a row stops at EOS or at the end of its ``ANSWER`` line, and finished rows are
+* a row stops at EOS or once its trace's answer stands (``tasks.base.trace_end``: an
+  ``ANSWER`` line followed by a complete line that is not a recognition line, which is
+  then cut; a recognition line after an ANSWER line retracts it and the row goes on, so
+  a premature answer can be recognised like any wrong step), and finished rows are
   dropped from the batch and the KV cache, so short answers stop costing compute;
 * prompts are sorted by length before batching, so little compute goes on padding.
 
@@ -29,12 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfcorrect.tasks.base import ANSWER_PREFIX
+from selfcorrect.tasks.base import clean_line, is_answer, is_recognition, split_lines, trace_end
 
 __all__ = [
     "GenerationActor",
     "Rollout",
-    "answer_line_done",
     "generate",
     "generate_rollouts",
     "generation_ray_args",
@@ -70,21 +72,6 @@ def _newline_table(tokenizer: Any, vocab_size: int) -> torch.Tensor:
         table = torch.from_numpy(flags)
         _NEWLINE_CACHE[key] = table
     return table
-
-
-def answer_line_done(text: str) -> int | None:
-    """End index (after its newline) of the first complete ``ANSWER ...`` line in ``text``, or None.
-
-    ``text`` must start at the beginning of a line.
-    """
-    start = 0
-    while True:
-        nl = text.find("\n", start)
-        if nl < 0:
-            return None
-        if text[start:nl].lstrip().startswith(ANSWER_PREFIX):
-            return nl + 1
-        start = nl + 1
 
 
 def _strip_specials(text: str, tokenizer: Any) -> str:
@@ -161,9 +148,10 @@ def generate_rollouts(
 
     Greedy at ``temperature == 0``; otherwise sampling where row ``i`` depends
     only on ``prefixes[i]`` and ``seeds[i]`` (not on batching or order). A row
-    stops at EOS, after its ``ANSWER`` line's newline, at ``max_new_tokens``, or when it
-    fills the model's context. Special tokens other than pad/eos/bos (e.g. ``</mistake>``)
-    are kept.
+    stops at EOS, once its answer stands (an ``ANSWER`` line followed by a complete
+    line that is not a recognition line; that line is cut unless the ANSWER line was
+    the prefix's), at ``max_new_tokens``, or when it fills the model's context. Special
+    tokens other than pad/eos/bos (e.g. ``</mistake>``) are kept.
 
     ``max_length`` is the model's context in tokens (default: the model config's
     ``max_position_embeddings``, which ``model.max_length`` sets for the presets). A prefix
@@ -265,6 +253,13 @@ def _generate_batch(
     newline = _newline_table(tokenizer, vocab).to(device)
     # Line start for the ANSWER check: the prefix's unfinished last line continues in the output.
     tails = [p[p.rfind("\n") + 1 :] for p in prefixes]
+    # Whether the last finished line is an ANSWER line awaiting the next line's verdict
+    # (an item whose prefix ends in a premature answer starts so).
+    last = [split_lines(p[: p.rfind("\n") + 1])[-1:] for p in prefixes]
+    pending = [bool(x) and is_answer(x[0]) for x in last]
+    heads = [
+        (x[0] + "\n" if pend else "") + t for x, pend, t in zip(last, pending, tails, strict=True)
+    ]
 
     generated: list[list[int]] = [[] for _ in range(B)]  # sampled ids (a sampled EOS too)
     stop = ["length"] * B  # why each row stopped; "length" until something else ends it
@@ -309,9 +304,16 @@ def _generate_batch(
             if check[slot]:
                 # Only the line(s) this newline completed: earlier lines were checked already.
                 head = tails[row] if line_start[row] == 0 else ""
-                if answer_line_done(head + _decode(tokenizer, generated[row][line_start[row] :])):
-                    fin[slot] = True
-                    stop[row] = "answer"
+                window = head + _decode(tokenizer, generated[row][line_start[row] :])
+                for raw in window.split("\n")[:-1]:
+                    line = clean_line(raw)
+                    if not line:
+                        continue
+                    if pending[row] and not is_recognition(line):
+                        fin[slot] = True  # the answer stands: the trace is over
+                        stop[row] = "answer"
+                        break
+                    pending[row] = is_answer(line)
                 line_start[row] = len(generated[row])
         keep = [s for s, f in enumerate(fin) if not f]
         if not keep:
@@ -329,8 +331,10 @@ def _generate_batch(
     for row in range(B):
         body = generated[row][:-1] if stop[row] == "eos" else generated[row]  # [no EOS]
         text = _decode(tokenizer, body)
-        end = answer_line_done(tails[row] + text)  # cut what a multi-char token put after it
-        text = text if end is None else text[: end - len(tails[row])]
+        # Cut what follows the answer that stands (exact, whatever the token boundaries).
+        end = trace_end(heads[row] + text)
+        if end is not None and end > len(heads[row]):
+            text = text[: end - len(heads[row])]
         out.append(Rollout(text, tuple(ids[row]), tuple(generated[row]), stop[row]))
     return out
 

@@ -31,8 +31,8 @@ from selfcorrect.generation import Rollout
 from selfcorrect.tasks import (
     Problem,
     Task,
+    complete_lines,
     final_answer_correct,
-    split_lines,
     walk_trace,
 )
 
@@ -55,7 +55,7 @@ def reward_steps(task: Task, problem: Problem, completion: str) -> float:
     correct step does not earn a full reward, and wrong (or malformed) steps
     count against it so padding a trace with junk does not either.
     """
-    events = walk_trace(task, problem, split_lines(completion))
+    events = walk_trace(task, problem, complete_lines(completion))
     steps = [e for e in events if e.kind in ("step_ok", "step_wrong")]
     n_ok = sum(e.kind == "step_ok" for e in steps)
     denom = max(len(steps), len(task.golden_steps(problem)), 1)
@@ -73,7 +73,7 @@ class SelfCorrectionCounts:
 
 def self_correction_counts(task: Task, problem: Problem, completion: str) -> SelfCorrectionCounts:
     """Count wrong steps, real corrections and false alarms with the shared verifier's line walk."""
-    events = walk_trace(task, problem, split_lines(completion))
+    events = walk_trace(task, problem, complete_lines(completion))
     corrections = false_alarms = 0
     for i, ev in enumerate(events):
         if ev.kind != "recognition":

@@ -5,6 +5,12 @@ Pure functions (no Ray): the Ray Data pipeline in ``rayjobs/harvest.py`` calls
 outcome row (so accuracy and error rates come from the same pass) and at most
 one error record: its **first** wrong step, with the model's own correct steps
 before it, a correct step for that state and the error type (``other`` kept).
+
+Lines are read exactly as eval reads them (``selfcorrect.tasks.base``): a last line cut
+by ``max_new_tokens`` is dropped (``complete_lines``), so it is never an error; an ANSWER
+line before the work is done is a wrong step (it can be the first error, and a
+recognition line after it retracts it); the trace's answer is its first ANSWER line not
+retracted. The first error here is the first ``own_errors`` row of eval on the same text.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from selfcorrect.tasks import (
     ANSWER_PREFIX,
     Problem,
     Task,
+    answer_index,
     classify_error,
+    complete_lines,
     final_answer_correct,
-    split_lines,
+    is_answer,
     walk_trace,
 )
 
@@ -180,12 +188,12 @@ def score_sample(task: Task, problem: Problem, prompt: str, completion: str) -> 
     line retracts the step before it), so ``prefix_steps`` always replays to the
     state the wrong step was written in.
     """
-    lines = split_lines(completion)
+    lines = complete_lines(completion)
     events = walk_trace(task, problem, lines)
     committed: list[str] = []
     out: dict[str, Any] = {
         "correct": final_answer_correct(task, problem, completion),
-        "answered": any(e.kind == "answer" for e in events),
+        "answered": answer_index(lines) is not None,
         "first_error_index": -1,
         "has_error": False,
         "step_index": None,
@@ -201,15 +209,10 @@ def score_sample(task: Task, problem: Problem, prompt: str, completion: str) -> 
             if committed:
                 committed.pop()
             continue
-        wrong = ev.kind == "step_wrong"
-        if ev.kind == "answer":
-            # An answer before the work is done stands where the next step should be.
-            if task.is_done(ev.state_before):
-                break
-            wrong = True
-        if not wrong:
+        if ev.kind in ("step_ok", "answer"):  # (a finished trace's answer is retracted or last)
             committed.append(ev.line)
             continue
+        # step_wrong, a premature ANSWER line included
         out["first_error_index"] = len(committed)
         gold = pick_gold(task, ev.state_before, ev.line)
         if gold is not None:  # a wrong step after the last one has no correct step to compare
@@ -224,7 +227,9 @@ def score_sample(task: Task, problem: Problem, prompt: str, completion: str) -> 
                 prefix_steps=list(committed),
             )
         break
-    out["n_steps"] = sum(1 for e in events if e.kind in ("step_ok", "step_wrong"))
+    out["n_steps"] = sum(
+        1 for e in events if e.kind in ("step_ok", "step_wrong") and not is_answer(e.line)
+    )
     return out
 
 

@@ -32,6 +32,7 @@ from selfcorrect.tasks import (
     Multiplication,
     Sudoku,
     classify_error,
+    final_answer_correct,
     get_task,
 )
 from selfcorrect.traces import clean_example
@@ -239,6 +240,48 @@ def test_own_premature_answer_is_an_error_and_lines_after_the_last_step_are_not(
     # An extra step where the ANSWER line belongs: nothing to correct it to, so not scored.
     extra = lines(*golden, golden[-1], task.answer_line(problem))
     assert own_errors(task, problem, extra) == []
+
+
+def test_own_premature_answer_can_be_recognised_corrected_and_parroted(case):
+    """Issue 20.3: an ANSWER line written before the work is done is a wrong step like any
+    other, so the recognition line after it counts, and the retracted answer is not the
+    trace's answer."""
+    task, problem = case["task"], case["problem"]
+    bad = case["bad_answer"]
+    text = lines(*case["prefix"], bad, R, case["fix"], *case["rest"], case["answer"])
+    errs = own_errors(task, problem, text)
+    assert [e["wrong_step"] for e in errs] == [bad]
+    e = errs[0]
+    assert e["step_index"] == len(case["prefix"]) and e["error_type"] == "other"
+    assert e["recognized"] and e["corrected"] and not e["parroted"]
+    assert e["next_line"] == R and e["after_line"] == case["fix"]
+    assert e["correct"]  # the retracted ANSWER line is not the final answer
+    s = score_free_generation(task, problem, text)
+    assert s["correct"] and s["recognized"] and s["corrected"] and s["n_false_alarms"] == 0
+    # Parroting the premature answer: recognised, parroted; the repeat is committed, and is
+    # the trace's (wrong) answer.
+    errs = own_errors(task, problem, lines(*case["prefix"], bad, R, bad))
+    assert [(e["recognized"], e["parroted"]) for e in errs] == [(True, True), (False, False)]
+    assert not errs[0]["correct"]
+
+
+def test_after_an_injected_premature_answer_a_recognition_counts(case):
+    """ft_errors items can end in a premature ANSWER line harvested from the FT model."""
+    task, problem, state = case["task"], case["problem"], case["state"]
+    cont = lines(R, case["fix"], *case["rest"], case["answer"])
+    s = score_after_error(task, problem, state, case["bad_answer"], cont)
+    assert s["recognized"] and s["corrected"] and s["correct"]
+    assert s["n_ok_steps"] == 1 + len(case["rest"]) and s["n_false_alarms"] == 0
+
+
+def test_the_final_answer_is_the_first_answer_not_retracted(case):
+    task, problem = case["task"], case["problem"]
+    golden = task.golden_steps(problem)
+    good, bad = case["answer"], case["bad_answer"]
+    assert final_answer_correct(task, problem, lines(*golden, bad, R, good))
+    assert final_answer_correct(task, problem, lines(*golden, good, "junk", bad))
+    assert not final_answer_correct(task, problem, lines(*golden, bad, good))
+    assert not final_answer_correct(task, problem, lines(*golden, good, INSEC_CLOSE))
 
 
 # ---------------------------------------------------------------------------

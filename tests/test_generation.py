@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_harvest_model import train_nano
 
-from selfcorrect.generation import GenerationActor, _decode, answer_line_done, generate
+from selfcorrect.generation import GenerationActor, _decode, generate
 from selfcorrect.models import build_model, save_model
-from selfcorrect.tasks import INSEC_CLOSE, INSEC_OPEN, get_task
+from selfcorrect.tasks import INSEC_CLOSE, INSEC_OPEN, RECOGNITION_LINE, get_task, trace_end
 
 MUL = {"digits_a": 2, "digits_b": 2}
 
@@ -39,7 +39,7 @@ def test_greedy_batched_equals_one_at_a_time(trained, prefixes):
 
 
 def test_greedy_agrees_with_hf_generate(trained, prefixes):
-    """Our KV-cached loop is the model's greedy decoding, cut at the end of the ANSWER line."""
+    """Our KV-cached loop is the model's greedy decoding, cut where its answer stands."""
     model, tok = trained
     ours = generate(model, tok, prefixes[:6], max_new_tokens=60)
     for p, text in zip(prefixes[:6], ours, strict=True):
@@ -48,11 +48,9 @@ def test_greedy_agrees_with_hf_generate(trained, prefixes):
             **enc, max_new_tokens=60, do_sample=False, pad_token_id=tok.pad_token_id
         )
         ref = _decode(tok, out[0, enc["input_ids"].shape[1] :].tolist())
-        assert ref.startswith(text)
-        end = answer_line_done(text)
-        assert end is None or end == len(text)  # stopped right after the ANSWER line
-        if end is None:
-            assert text == ref  # no ANSWER line: ran to EOS / max_new_tokens like HF
+        end = trace_end(ref)
+        # No answer that stands: ran to EOS / max_new_tokens like HF.
+        assert text == (ref if end is None else ref[:end])
 
 
 def test_stops_after_answer_line(trained, prefixes):
@@ -122,11 +120,66 @@ def test_decode_keeps_insec_markers_and_drops_padding():
     assert text == f"12{INSEC_OPEN}3=4{INSEC_CLOSE}\n"
 
 
-def test_answer_line_done():
-    assert answer_line_done("1*2=2\nANSWER 2\nmore") == len("1*2=2\nANSWER 2\n")
-    assert answer_line_done("1*2=2\nANSWER 2") is None  # line not finished yet
-    assert answer_line_done("xANSWER 2\n") is None  # not at a line start
-    assert answer_line_done("ANSWERS\n") is None
+def test_trace_end():
+    """The stopping rule: an ANSWER line stands once a finished line after it is not a
+    recognition line."""
+    assert trace_end("1*2=2\nANSWER 2\nmore\n") == len("1*2=2\nANSWER 2\n")
+    assert trace_end("1*2=2\nANSWER 2\nmore") is None  # the next line is not finished yet
+    assert trace_end("1*2=2\nANSWER 2\n") is None
+    assert trace_end("1*2=2\nANSWER 2") is None
+    retracted = f"ANSWER 1\n{RECOGNITION_LINE}\n1*2=2\nANSWER 2\n"
+    assert trace_end(retracted + "\n \nmore\n") == len(retracted)
+    assert trace_end(f"{INSEC_OPEN}ANSWER 1\n{INSEC_CLOSE}\nmore\n") is None
+    assert trace_end("xANSWER 2\nmore\n") is None  # not at a line start
+
+
+class ScriptedLM(torch.nn.Module):
+    """Writes ``script`` then EOS, whatever the prompt: the next token is read off the
+    position of the last input token (every row's prefix must have ``prefix_len`` tokens)."""
+
+    def __init__(self, tok, script: str, prefix_len: int):
+        super().__init__()
+        self.ids = tok(script, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        self.vocab = len(tok)
+        self.head = torch.nn.Linear(1, self.vocab, bias=False)
+        self.config = type("Cfg", (), {"max_position_embeddings": 1024})()
+        self.prefix_len = prefix_len
+        self.calls = 0
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, position_ids, **kw):
+        self.calls += 1
+        k = (position_ids[:, -1] + 1 - self.prefix_len).clamp_max(len(self.ids) - 1)
+        logits = torch.full((input_ids.shape[0], 1, self.vocab), -1e9)
+        logits[torch.arange(input_ids.shape[0]), 0, torch.tensor(self.ids)[k]] = 0.0
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("recognition", [RECOGNITION_LINE, INSEC_CLOSE])
+def test_generation_goes_on_after_an_answer_line_the_model_retracts(recognition):
+    """Issue 20.3: an ANSWER line followed by a recognition line is a retracted wrong step,
+    not the end of the trace; any other line after an ANSWER line ends it (and is cut)."""
+    _, tok = build_model("nano")
+    prefix = "12*34\n"
+    n = len(tok(prefix, add_special_tokens=False)["input_ids"])
+    opener = INSEC_OPEN if recognition == INSEC_CLOSE else ""
+    fixed = f"12*4=48\n{opener}ANSWER 1\n{recognition}\n12*30=360\n48+360=408\nANSWER 408\n"
+    model = ScriptedLM(tok, fixed, n)
+    assert generate(model, tok, [prefix], max_new_tokens=200) == [fixed]
+    # Two rows, greedy and sampled, same script: batching and sampling change nothing.
+    both = generate(model, tok, [prefix, prefix], max_new_tokens=200, temperature=1.0)
+    assert both == [fixed, fixed]
+    # The model writes on after its answer without retracting it: stop once that line is done.
+    model = ScriptedLM(tok, "12*4=48\nANSWER 1\nmore\nand more\n", n)
+    assert generate(model, tok, [prefix], max_new_tokens=200) == ["12*4=48\nANSWER 1\n"]
+    assert model.calls == len("12*4=48\nANSWER 1\nmore\n")
+    # An item whose prefix ends in an ANSWER line (a harvested premature answer): the line
+    # after it is the model's reply and is kept.
+    model = ScriptedLM(tok, "12*30=360\nmore\n", n + 9)
+    out = generate(model, tok, [prefix + "ANSWER 1\n"], max_new_tokens=200)
+    assert out == ["12*30=360\n"]
 
 
 def test_bad_arguments_are_clear(trained):

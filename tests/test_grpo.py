@@ -296,15 +296,23 @@ def _sample(model, tok, prefix, script, **kw):
 
 
 def test_completion_mask_covers_only_sampled_tokens_and_a_sampled_eos():
-    """An EOS is trained on only where the sampler drew it: rollouts that stopped at the
-    ANSWER newline, at max_new_tokens or at full context get no EOS, and padding no mask."""
+    """An EOS is trained on only where the sampler drew it: rollouts that stopped once the
+    answer stood, at max_new_tokens or at full context get no EOS, and padding no mask."""
     model, tok = build_model("nano", max_length=64, seed=0)
     eos = tok.eos_token_id
     prefix = "86*67\n"
     long_prefix = "1" * 59 + "\n"  # 60 tokens: 4 positions left in the context of 64
     cases = [  # (prefix, script, max_new_tokens, stop, the ids that were sampled)
         (prefix, _ids(tok, "7\n") + [eos], 10, "eos", _ids(tok, "7\n") + [eos]),
-        (prefix, _ids(tok, "ANSWER 5762\nxyz"), 30, "answer", _ids(tok, "ANSWER 5762\n")),
+        # the answer stands once the next line is complete and no recognition: that line was
+        # sampled (it is trained on), the text ends at the answer
+        (
+            prefix,
+            _ids(tok, "ANSWER 5762\n7\n+"),
+            30,
+            "answer",
+            _ids(tok, "ANSWER 5762\n7\n"),
+        ),
         (prefix, _ids(tok, "602+5160"), 4, "length", _ids(tok, "602+")),
         (long_prefix, _ids(tok, "99999999"), 30, "context", _ids(tok, "9999")),
     ]

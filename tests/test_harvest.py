@@ -21,7 +21,13 @@ from selfcorrect.harvest import (
     sample_seed,
     score_sample,
 )
-from selfcorrect.tasks import RECOGNITION_LINE, classify_error, get_task, split_lines
+from selfcorrect.tasks import (
+    RECOGNITION_LINE,
+    classify_error,
+    get_task,
+    sample_error,
+    split_lines,
+)
 from selfcorrect.traces import onpolicy_example
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +83,72 @@ def test_truncated_generation_is_no_error_and_not_correct():
     p = _problem(MUL, 3)
     out = score_sample(MUL, p, MUL.prompt(p), MUL.golden_steps(p)[0] + "\n")
     assert not out["has_error"] and not out["correct"] and not out["answered"]
+
+
+def test_premature_answer_then_recognition_is_the_first_error_and_the_trace_can_be_right():
+    """Issue 20.3: a premature ANSWER line is a wrong step the model can recognise; the
+    answer it retracts is not the trace's answer."""
+    p = _problem(MUL, 2)
+    steps = MUL.golden_steps(p)
+    text = "".join(s + "\n" for s in [steps[0], "ANSWER 12", RECOGNITION_LINE, *steps[1:]])
+    out = score_sample(MUL, p, MUL.prompt(p), text + MUL.answer_line(p) + "\n")
+    assert out["has_error"] and out["wrong_step"] == "ANSWER 12" and out["step_index"] == 1
+    assert out["correct"] and out["answered"]
+    assert out["n_steps"] == len(steps)  # answer lines are not steps
+    # Retracted and never answered again: not answered.
+    out = score_sample(MUL, p, MUL.prompt(p), text)
+    assert not out["answered"] and not out["correct"]
+
+
+def test_a_line_cut_by_the_token_cap_is_no_error():
+    """Issue 20.4: ``5678*200=1135`` cut by max_new_tokens is neither an error nor a step."""
+    p = _problem(MUL, 3)
+    steps = MUL.golden_steps(p)
+    cut = steps[1][:-1]
+    assert not MUL.check_step(MUL.apply_step(MUL.initial_state(p), steps[0]), cut)
+    out = score_sample(MUL, p, MUL.prompt(p), f"{steps[0]}\n{cut}")
+    assert not out["has_error"] and out["first_error_index"] == -1 and out["n_steps"] == 1
+
+
+def _agreement_texts(task, seed):
+    p = _problem(task, seed)
+    g = task.golden_steps(p)
+    state = task.apply_step(task.initial_state(p), g[0])
+    wrong, _ = sample_error(task, state, np.random.default_rng(seed))
+    answer = task.answer_line(p)
+    variants = [
+        [*g, answer],
+        [g[0], wrong, RECOGNITION_LINE, *g[1:], answer],
+        [g[0], wrong, *g[1:], answer],
+        [g[0], "ANSWER 12", RECOGNITION_LINE, *g[1:], answer],
+        [g[0], "ANSWER 12", RECOGNITION_LINE, "ANSWER 12"],
+        [g[0], "ANSWER 12"],
+    ]
+    return p, ["".join(line + "\n" for line in v) for v in variants]
+
+
+@pytest.mark.parametrize("task", [MUL, SUD], ids=lambda t: t.name)
+def test_harvest_and_eval_agree_on_every_truncation(task):
+    """Issue 20.4: one definition of a complete line. Cut each completion at every character
+    (as max_new_tokens would): harvest's first error is eval's first own error, and both
+    agree on the final answer."""
+    from selfcorrect.evaluate import own_errors, score_free_generation
+
+    for seed in range(3):
+        p, texts = _agreement_texts(task, seed)
+        prompt = task.prompt(p)
+        for text in texts:
+            for k in range(len(text) + 1):
+                cut = text[:k]
+                h = score_sample(task, p, prompt, cut)
+                own = own_errors(task, p, cut)
+                assert h["has_error"] == bool(own), cut
+                assert h["correct"] == score_free_generation(task, p, cut)["correct"], cut
+                if own:
+                    first = own[0]
+                    assert h["line_index"] == first["step_index"], cut
+                    for key in ("wrong_step", "gold_step", "error_type", "prefix"):
+                        assert h[key] == first[key], (key, cut)
 
 
 def test_recognition_retracts_a_committed_step():

@@ -164,14 +164,32 @@ def possible_types(task: Task, state: Any, step: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------
 # Reading generated text back.
+#
+# One set of rules, used by harvest, eval and the generation engine's stopping rule
+# alike, and by GRPO rewards through ``walk_trace`` / ``final_answer_correct`` (issue 20):
+#
+# * A line is complete when it ends in a newline (every trained line does, the answer
+#   line included). An unterminated last line is a cut made by the token cap, not a line
+#   the model chose to write: it is dropped, so it is never an error nor a correct step.
+#   Only an unterminated ANSWER line is kept: a premature answer is wrong whatever its
+#   value, and a final answer cut short is not the right answer.
+# * An ANSWER line written before the work is done is a wrong step, one the model can
+#   recognise like any other: a recognition line right after an ANSWER line retracts it.
+#   The trace's answer is its first ANSWER line that is not retracted; the trace ends
+#   there, and nothing after it is read.
 # ---------------------------------------------------------------------------
+
+
+def clean_line(raw: str) -> str:
+    """One raw line of generated text as it is judged: InSeC open tags removed, stripped."""
+    return raw.replace("\r", "").replace(INSEC_OPEN, "").strip()
 
 
 def split_lines(text: str) -> list[str]:
     """Generated text -> stripped non-empty lines, InSeC open tags removed. Never raises."""
     out = []
-    for raw in text.replace("\r", "").split("\n"):
-        line = raw.replace(INSEC_OPEN, "").strip()
+    for raw in text.split("\n"):
+        line = clean_line(raw)
         if line:
             out.append(line)
     return out
@@ -182,13 +200,59 @@ def is_recognition(line: str) -> bool:
     return line.strip() in (RECOGNITION_LINE, INSEC_CLOSE)
 
 
+def is_answer(line: str) -> bool:
+    """An ``ANSWER ...`` line (judged after ``clean_line``)."""
+    return line.strip().startswith(ANSWER_PREFIX.strip())
+
+
+def complete_lines(text: str) -> list[str]:
+    """The lines of a generation that the model finished: ``split_lines`` without a last
+    line cut off by the token cap (an unterminated tail), unless that tail is an ANSWER line.
+    """
+    lines = split_lines(text)
+    if lines and not text.rstrip(" \t\r").endswith("\n") and not is_answer(lines[-1]):
+        lines = lines[:-1]
+    return lines
+
+
+def answer_index(lines: list[str]) -> int | None:
+    """Index of the trace's answer: its first ANSWER line not retracted by a recognition
+    line right after it (None when the trace has none)."""
+    for i, line in enumerate(lines):
+        if is_answer(line) and not (i + 1 < len(lines) and is_recognition(lines[i + 1])):
+            return i
+    return None
+
+
+def trace_end(text: str) -> int | None:
+    """End (after its newline) of the trace's answer line in ``text``, once it is known to
+    stand: when the next complete line after it is not a recognition line. None before that.
+
+    ``text`` must start at the beginning of a line. This is the generation engine's
+    stopping rule: a row stops there, and what follows is cut.
+    """
+    pending: int | None = None  # end of the last complete line, when it is an ANSWER line
+    pos = 0
+    while True:
+        nl = text.find("\n", pos)
+        if nl < 0:
+            return None
+        line = clean_line(text[pos:nl])
+        pos = nl + 1
+        if not line:
+            continue
+        if pending is not None and not is_recognition(line):
+            return pending
+        pending = pos if is_answer(line) else None
+
+
 @dataclass
 class LineEvent:
     """One generated line, judged against the state it was produced in."""
 
     index: int
     line: str
-    kind: str  # "step_ok" | "step_wrong" | "recognition" | "answer"
+    kind: str  # "step_ok" | "step_wrong" (a premature ANSWER too) | "recognition" | "answer"
     state_before: Any
 
 
@@ -198,15 +262,22 @@ def walk_trace(
     """Judge each line of a continuation in order, tracking the state as the model commits.
 
     A wrong step that the model goes on from is applied (the model now lives in
-    that state); a recognition line retracts the step before it. Malformed lines
-    are wrong steps that leave the state unchanged. Stops after the answer line.
+    that state); a recognition line retracts the line before it. Malformed lines
+    are wrong steps that leave the state unchanged. An ANSWER line is ``answer``
+    when the work is done and ``step_wrong`` (a premature answer) when it is not;
+    either leaves the state unchanged. The walk stops after the trace's answer (the
+    first ANSWER line not retracted, see ``answer_index``).
     """
     state = task.initial_state(problem) if state is None else state
     history: list[Any] = []
     events: list[LineEvent] = []
     for i, line in enumerate(lines):
-        if line.startswith(ANSWER_PREFIX.strip()):
-            events.append(LineEvent(i, line, "answer", state))
+        if is_answer(line):
+            kind = "answer" if task.is_done(state) else "step_wrong"
+            events.append(LineEvent(i, line, kind, state))
+            if i + 1 < len(lines) and is_recognition(lines[i + 1]):
+                history.append(state)  # retracted next: back to this same state
+                continue
             break
         if is_recognition(line):
             events.append(LineEvent(i, line, "recognition", state))
@@ -221,8 +292,7 @@ def walk_trace(
 
 
 def final_answer_correct(task: Task, problem: Problem, text: str) -> bool:
-    """True when the first ANSWER line of ``text`` is the right answer."""
-    for line in split_lines(text):
-        if line.startswith(ANSWER_PREFIX.strip()):
-            return task.check_answer(problem, line)
-    return False
+    """True when the trace's answer (``answer_index`` over ``complete_lines``) is right."""
+    lines = complete_lines(text)
+    i = answer_index(lines)
+    return i is not None and task.check_answer(problem, lines[i])
