@@ -2,12 +2,13 @@
 
 python -m rayjobs.evaluate --config configs/tiny.yaml --output-dir runs/tiny
 
-Conditions (DESIGN 7): clean, synthetic, ft_errors, own_errors, at every
-temperature of ``eval.temperatures``, on the same items for every model. The
+Conditions (DESIGN 7): clean, synthetic, ft_errors, matched_synthetic, own_errors, at
+every temperature of ``eval.temperatures``, on the same items for every model. The
 continuations come from the one generation engine (``selfcorrect.generation``),
 fanned out over a Ray Data actor pool; scoring is the pure code in
 ``selfcorrect.evaluate``. Same seed -> same items, same sampling seeds, same
-numbers.
+numbers. Next to ``eval_summary.parquet`` the stage writes ``eval_gaps.parquet``: the
+headline gap (synthetic minus own / FT / matched recognition) with 95% intervals.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
@@ -33,16 +35,19 @@ from selfcorrect.evaluate import (
     clean_items,
     ft_error_items,
     generation_seed,
+    matched_synthetic_items,
     rows_frame,
     score_items,
     sort_rows,
     summarize,
     synthetic_items,
 )
+from selfcorrect.stats import GAP_SCHEMA, gap_table
 from selfcorrect.tasks import get_task
 
 HARVEST_COLUMNS = ["error_id", "problem_id", "prompt", "wrong_step", "error_type"]
 FT_ERRORS_FILE = "ft-test.parquet"
+FT_CONDITIONS = ("ft_errors", "matched_synthetic")  # the conditions built on the FT harvest
 
 
 def eval_path(output_dir: str, task: str, model: str) -> str:
@@ -80,12 +85,14 @@ def build_items(
         items += synthetic_items(
             task, test, cfg.seed, cfg.eval.max_problems, cfg.error_weights(task_name)
         )
-    if "ft_errors" in conditions:
+    ft_conds = [c for c in FT_CONDITIONS if c in conditions]
+    if ft_conds:
         path = ft_errors_path(output_dir, task_name)
         if not io.exists(path):
+            names = " and ".join(ft_conds)
             raise FileNotFoundError(
-                f"condition ft_errors needs {path} (errors the FT model made on the test split); "
-                "run the harvest stage first (python -m rayjobs.harvest), or drop ft_errors "
+                f"condition {names} needs {path} (errors the FT model made on the test split); "
+                f"run the harvest stage first (python -m rayjobs.harvest), or drop {names} "
                 "from eval.conditions"
             )
         table = io.read_parquet(path, required=HARVEST_COLUMNS)
@@ -93,7 +100,12 @@ def build_items(
             raise io.CorruptFileError(
                 f"{path} has neither 'prefix_steps' nor 'prefix'; rerun the harvest stage"
             )
-        items += ft_error_items(task, table.to_pylist(), cfg.seed, cfg.eval.max_errors)
+        ft_items = ft_error_items(task, table.to_pylist(), cfg.seed, cfg.eval.max_errors)
+        if "ft_errors" in conditions:
+            items += ft_items
+        if "matched_synthetic" in conditions:
+            # The same (seeded) FT errors, so the two conditions are on the same states.
+            items += matched_synthetic_items(task, ft_items, cfg.seed, cfg.error_weights(task_name))
     return items
 
 
@@ -198,7 +210,7 @@ def evaluate_model(
     df = sort_rows(rows_frame(scored))
     out = eval_path(output_dir, task_name, model_name)
     io.write_parquet(out, df)
-    summary = summarize(df)
+    summary = summarize(df, seed=cfg.seed)
     summary = summary[summary["condition"].isin(conditions)]
     print(f"[eval] {task_name}/{model_name}: {len(df)} rows -> {out} ({time.time() - t0:.1f}s)")
     return summary.to_dict("records")
@@ -242,7 +254,7 @@ def eval_hash(ctx: JobContext, task: str, model: str) -> str:
         "eval": ev,
         "model": _fingerprint(ctx.path(task, "models", model)),
         "harvest": _fingerprint(ft_errors_path(ctx.output_dir, task))
-        if "ft_errors" in cfg.eval.conditions
+        if any(c in cfg.eval.conditions for c in FT_CONDITIONS)
         else None,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -276,7 +288,7 @@ def run(ctx: JobContext) -> list[str]:
             run_stage(ctx, f"{task}/eval/{model}", eval_hash(ctx, task, model), do)
             # The summary is a pure function of the item rows: rebuilt even for skipped stages.
             df = io.read_parquet(eval_path(ctx.output_dir, task, model)).to_pandas()
-            s = summarize(df)
+            s = summarize(df, seed=cfg.seed)
             task_summary.append(s[s["condition"].isin(cfg.eval.conditions)])
         if task_summary:
             s = pd.concat(task_summary, ignore_index=True)
@@ -287,11 +299,13 @@ def run(ctx: JobContext) -> list[str]:
     return written
 
 
+GAPS_FILE = "eval_gaps.parquet"
 _SUMMARY_LOCK = threading.Lock()  # the pipeline evaluates tasks in concurrent driver threads
 
 
 def write_run_summary(ctx: JobContext) -> str:
-    """``eval_summary.parquet`` from every ``<task>/eval/summary.parquet`` of the run's tasks.
+    """``eval_summary.parquet`` from every ``<task>/eval/summary.parquet`` of the run's tasks,
+    and ``eval_gaps.parquet`` (``selfcorrect.stats.gap_table``) from that summary.
 
     The run's tasks are those of its resolved ``config.yaml`` (the pipeline evaluates each
     task on a narrowed config, possibly at the same time): under the lock, whichever task
@@ -311,7 +325,10 @@ def write_run_summary(ctx: JobContext) -> str:
             if io.exists(ctx.path(t, "eval", "summary.parquet"))
         ]
         path = ctx.path("eval_summary.parquet")
-        io.write_parquet(path, pd.concat(frames, ignore_index=True))
+        summary = pd.concat(frames, ignore_index=True)
+        io.write_parquet(path, summary)
+        gaps = pa.Table.from_pandas(gap_table(summary), schema=GAP_SCHEMA, preserve_index=False)
+        io.write_parquet(ctx.path(GAPS_FILE), gaps)
         return path
 
 

@@ -237,18 +237,25 @@ class CoverageConfig:
         _check(self.n_samples >= 1, "coverage.n_samples", "must be >= 1")
 
 
+# Mirrors selfcorrect.evaluate.CONDITIONS (config stays free of the evaluation imports).
+EVAL_CONDITIONS = ("clean", "synthetic", "ft_errors", "matched_synthetic", "own_errors")
+
+
 @dataclass
 class EvalConfig:
     models: list[str] = _f(["ft", "eift", "hybrid", "insec", "grpo"], "models to evaluate")
     temperatures: list[float] = _f([0.0, 0.7, 1.0], "decoding temperatures (0 = greedy)")
     max_problems: int = _f(500, "test problems per condition (0 = all)")
-    max_errors: int = _f(500, "harvested FT errors used by ft_errors (0 = all)")
+    max_errors: int = _f(
+        500, "harvested FT errors used by ft_errors and matched_synthetic (0 = all)"
+    )
     batch_size: int = _f(128, "prompts per generation batch")
     num_actors: int = _f(1, "generation actors")
     max_new_tokens: int = _f(200, "generation cap")
     conditions: list[str] = _f(
-        ["clean", "synthetic", "ft_errors", "own_errors"],
-        "conditions to evaluate (DESIGN 7); ft_errors needs harvest/ft-test.parquet",
+        ["clean", "synthetic", "ft_errors", "matched_synthetic", "own_errors"],
+        "conditions to evaluate (DESIGN 7); ft_errors and matched_synthetic need "
+        "harvest/ft-test.parquet",
     )
     use_gpu: bool = _f(False, "one GPU per generation actor (bf16); False = CPU")
     cpus_per_actor: int = _f(1, "CPU cores per generation actor (sets torch threads)")
@@ -258,9 +265,9 @@ class EvalConfig:
         _check(len(self.temperatures) > 0, "eval.temperatures", "name at least one (0 = greedy)")
         for c in self.conditions:
             _check(
-                c in ("clean", "synthetic", "ft_errors", "own_errors"),
+                c in EVAL_CONDITIONS,
                 "eval.conditions",
-                f"unknown condition {c!r}; choose from clean, synthetic, ft_errors, own_errors",
+                f"unknown condition {c!r}; choose from {', '.join(EVAL_CONDITIONS)}",
             )
         _check(len(self.conditions) > 0, "eval.conditions", "name at least one condition")
         _check(self.num_actors >= 1, "eval.num_actors", "must be >= 1")

@@ -1,11 +1,13 @@
 """Evaluation: accuracy, and recognition / correction / parroting on errors of several origins.
 
-DESIGN 7 defines four conditions, all scored by the task verifier:
+DESIGN 7 defines five conditions, all scored by the task verifier:
 
 * ``clean``      plain test prompts: final-answer accuracy; whether the model wrote any
                  recognition line; whether a trace with a recognition still ends right.
 * ``synthetic``  golden prefix up to a random step + one fresh, seeded synthetic error.
 * ``ft_errors``  prefixes ending in a wrong step the FT model made (``harvest/ft-test``).
+* ``matched_synthetic`` the ``ft_errors`` prefixes (same states) with a fresh, seeded
+                 synthetic error in place of the FT model's wrong step.
 * ``own_errors`` the model's own free generations (the ``clean`` generations), scored
                  at each of its own wrong steps.
 
@@ -43,13 +45,22 @@ Summary rates (``summarize``) are shares of all items of a condition, so
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from selfcorrect.data import stream_rng
 from selfcorrect.harvest import pick_gold
+from selfcorrect.stats import (
+    CLUSTER_BOOTSTRAP,
+    WILSON,
+    bootstrap_weights,
+    cluster_interval,
+)
+from selfcorrect.stats import Z95 as Z95  # re-exported: the statistics used to live here
+from selfcorrect.stats import wilson_interval as wilson_interval
 from selfcorrect.tasks import (
     LineEvent,
     Problem,
@@ -64,9 +75,8 @@ from selfcorrect.tasks import (
     walk_trace,
 )
 
-CONDITIONS = ("clean", "synthetic", "ft_errors", "own_errors")
+CONDITIONS = ("clean", "synthetic", "ft_errors", "matched_synthetic", "own_errors")
 ALL_TYPES = "all"  # error_type of the aggregate summary rows
-Z95 = 1.959963984540054
 
 # The rates of DESIGN 7 (each with *_lo / *_hi) plus two conditional ones.
 RATES = (
@@ -108,27 +118,6 @@ ITEM_COLUMNS = [
 ]
 
 SUMMARY_KEYS = ["task", "model", "condition", "temperature", "error_type"]
-
-
-# ---------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------
-
-
-def wilson_interval(k: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials; (nan, nan) when n == 0.
-
-    Unlike the normal interval it stays inside [0, 1] and is sensible at k = 0,
-    which is exactly where a model that never recognizes anything sits.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 # ---------------------------------------------------------------------------
@@ -388,6 +377,46 @@ def ft_error_items(
     return items
 
 
+def matched_synthetic_items(
+    task: Task,
+    ft_items: Iterable[dict[str, Any]],
+    seed: int,
+    weights: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """``matched_synthetic``: each ``ft_errors`` item's prefix with a fresh synthetic error.
+
+    ``ft_items`` are ``ft_error_items`` (the same seeded subset). Each keeps the FT
+    item's prompt, prefix steps and step index, so the model is asked about exactly
+    the same state; only the wrong step is replaced by one ``sample_error`` draw
+    under ``weights``, seeded per FT error (``<error_id>-matched``), so the item does
+    not depend on which other errors were kept. States where no error type applies
+    under ``weights`` are skipped. Comparing this condition with ``ft_errors``
+    separates "what kind of error" from "where in the trace".
+    """
+    items = []
+    for it in ft_items:
+        problem = task.parse_prompt(it["prompt"])
+        state = state_after(task, problem, it["prefix_steps"])
+        if not applicable_weights(task, state, weights):
+            continue
+        rng = stream_rng(seed, task.name, "eval-matched_synthetic", str(it["item_id"]))
+        wrong, etype = sample_error(task, state, rng, weights)
+        gold = pick_gold(task, state, wrong)
+        items.append(
+            _item(
+                "matched_synthetic",
+                f"{it['item_id']}-matched",
+                it["problem_id"],
+                it["prompt"],
+                it["prefix_steps"],
+                wrong,
+                gold if gold is not None else it.get("gold_step"),
+                etype,
+            )
+        )
+    return items
+
+
 def generation_seed(seed: int, task: str, item_id: str, temperature: float) -> int:
     """Sampling seed of one (item, temperature): same for every model (common random numbers)."""
     rng = stream_rng(seed, task, "eval-generate", item_id, f"{float(temperature):.6g}")
@@ -430,46 +459,103 @@ def score_items(
 
 
 # ---------------------------------------------------------------------------
-# Summary: DESIGN 7 columns with Wilson intervals, aggregate + per error type
+# Summary: DESIGN 7 columns with 95% intervals, aggregate + per error type
 # ---------------------------------------------------------------------------
 
+# An interval for a ratio of per-row sums: (numerators, denominators) -> (lo, hi).
+Interval = Callable[[np.ndarray, np.ndarray], tuple[float, float]]
 
-def _rate(row: dict[str, Any], name: str, k: float, n: float) -> None:
+
+def problem_clusters(df: pd.DataFrame) -> np.ndarray:
+    """The cluster (test problem) of each row, as codes 0..k-1: ``problem_id``, else
+    ``trace_id``, else ``item_id``, else the row itself.
+
+    Rows of one problem share its difficulty and, for ``own_errors`` and false
+    alarms, one generation, so they are not independent trials.
+    """
+    key = np.full(len(df), None, dtype=object)
+    for c in ("problem_id", "trace_id", "item_id"):
+        if c in df:
+            v = df[c].to_numpy(dtype=object)
+            fill = pd.isna(key) & ~pd.isna(v)
+            key[fill] = v[fill]
+    missing = np.flatnonzero(pd.isna(key))
+    key[missing] = [f"_row{i}" for i in missing]
+    codes, _ = pd.factorize(key.astype(str), sort=True)
+    return codes
+
+
+def _cluster_ci(codes: np.ndarray, rng: np.random.Generator) -> Interval:
+    """Cluster-bootstrap intervals over ``codes``, one resampling matrix shared by every rate."""
+    n_clusters = int(codes.max()) + 1 if len(codes) else 0
+    weights: list[np.ndarray] = []
+
+    def ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
+        if not weights:
+            weights.append(bootstrap_weights(n_clusters, rng))
+        sums = [np.bincount(codes, weights=v, minlength=n_clusters) for v in (num, den)]
+        return cluster_interval(*sums, weights=weights[0])
+
+    return ci
+
+
+def _wilson_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
+    return wilson_interval(int(round(num.sum())), int(round(den.sum())))
+
+
+def _rate(row: dict[str, Any], name: str, num: np.ndarray, den: np.ndarray, ci: Interval) -> None:
+    k, n = int(round(num.sum())), int(round(den.sum()))
     row[name] = k / n if n > 0 else math.nan
-    row[f"{name}_lo"], row[f"{name}_hi"] = wilson_interval(k, n)
+    row[f"{name}_lo"], row[f"{name}_hi"] = ci(num, den) if n > 0 else (math.nan, math.nan)
+
+
+def _flags(s: pd.Series) -> np.ndarray:
+    return s.astype("boolean").fillna(False).to_numpy(dtype=float)
 
 
 def _summary_row(
-    key: dict[str, Any], g: pd.DataFrame, fa_source: pd.DataFrame | None
+    key: dict[str, Any], g: pd.DataFrame, fa_source: pd.DataFrame | None, seed: int = 0
 ) -> dict[str, Any]:
     row: dict[str, Any] = dict(key)
     n = len(g)
-    rec = int(g["recognized"].fillna(False).astype(bool).sum())
-    cor = int(g["corrected"].fillna(False).astype(bool).sum())
-    par_defined = g["parroted"].notna()
-    par = int(g.loc[par_defined, "parroted"].astype(bool).sum())
+    rec = _flags(g["recognized"])
+    cor = _flags(g["corrected"])
+    par_defined = g["parroted"].notna().to_numpy(dtype=float)
+    par = _flags(g["parroted"]) * par_defined
+    ones = np.ones(n)
+    codes = problem_clusters(g)
+    n_problems = int(codes.max()) + 1 if n else 0
+    # Wilson when every item is its own problem; otherwise the trials are clustered.
+    clustered = n_problems < n
+    stream = [str(key.get(k)) for k in SUMMARY_KEYS]
+    ci = _cluster_ci(codes, stream_rng(seed, "eval-summary", *stream)) if clustered else _wilson_ci
     row["n"] = n
-    row["n_recognized"] = rec
-    _rate(row, "accuracy", int(g["correct"].astype(bool).sum()), n)
-    _rate(row, "recognition_rate", rec, n)
-    _rate(row, "correction_rate", cor, n)
-    _rate(row, "parrot_rate", par, int(par_defined.sum()))
+    row["n_problems"] = n_problems
+    row["n_recognized"] = int(rec.sum())
+    _rate(row, "accuracy", _flags(g["correct"]), ones, ci)
+    _rate(row, "recognition_rate", rec, ones, ci)
+    _rate(row, "correction_rate", cor, ones, ci)
+    _rate(row, "parrot_rate", par, par_defined, ci)
     if fa_source is None:
-        n_ok, n_fa = 0, 0
+        per_trace = g.iloc[:0]
     else:
         # Counted once per generation (own_errors rows share their generation).
         per_trace = fa_source.drop_duplicates("trace_id")
-        n_ok = int(per_trace["n_ok_steps"].fillna(0).sum())
-        n_fa = int(per_trace["n_false_alarms"].fillna(0).sum())
-    row["n_ok_steps"] = n_ok
-    row["n_false_alarms"] = n_fa
-    _rate(row, "false_alarm_rate", n_fa, n_ok)
-    _rate(row, "correction_given_recognition", cor, rec)
-    _rate(row, "parrot_given_recognition", par, rec if par_defined.any() else 0)
+    n_ok = per_trace["n_ok_steps"].astype("Float64").fillna(0).to_numpy(dtype=float)
+    n_fa = per_trace["n_false_alarms"].astype("Float64").fillna(0).to_numpy(dtype=float)
+    row["n_ok_steps"] = int(n_ok.sum())
+    row["n_false_alarms"] = int(n_fa.sum())
+    # Several correct steps of one generation: always clustered.
+    fa_rng = stream_rng(seed, "eval-summary-false_alarm", *stream)
+    _rate(row, "false_alarm_rate", n_fa, n_ok, _cluster_ci(problem_clusters(per_trace), fa_rng))
+    _rate(row, "correction_given_recognition", cor, rec, ci)
+    _rate(row, "parrot_given_recognition", par, rec if par_defined.any() else 0 * rec, ci)
+    row["interval_method"] = CLUSTER_BOOTSTRAP if clustered else WILSON
+    row["false_alarm_interval_method"] = CLUSTER_BOOTSTRAP if n_ok.sum() > 0 else None
     return row
 
 
-def summarize(rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
+def summarize(rows: pd.DataFrame | list[dict[str, Any]], seed: int = 0) -> pd.DataFrame:
     """Eval rows -> one summary row per task x model x condition x temperature x error_type.
 
     ``error_type`` is ``"all"`` for the aggregate and each type otherwise (not for
@@ -477,6 +563,15 @@ def summarize(rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
     all free generations (the ``clean`` rows), since false alarms happen after
     correct steps, most of all in traces without any error; per-type rows of
     ``own_errors`` leave it undefined (NaN).
+
+    Intervals (``selfcorrect.stats``): Wilson when each item is its own test problem
+    (``interval_method == "wilson"``); a seeded percentile bootstrap over problems
+    when some problem has several items (``own_errors``, and ``ft_errors`` /
+    ``matched_synthetic`` when the FT model erred twice on a problem:
+    ``"cluster_bootstrap"``); every false-alarm rate by the bootstrap over problems
+    (``false_alarm_interval_method``). ``n_problems`` counts the clusters. The
+    bootstrap of each summary row draws from its own stream of ``seed``, so the
+    summary is a pure function of (rows, seed).
     """
     df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
     out = []
@@ -496,20 +591,20 @@ def summarize(rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
             fa_all = free if len(free) else None
         else:
             fa_all = g
-        out.append(_summary_row({**key, "error_type": ALL_TYPES}, g, fa_all))
+        out.append(_summary_row({**key, "error_type": ALL_TYPES}, g, fa_all, seed))
         if cond == "clean":
             continue
         for etype, ge in g.groupby("error_type", sort=True):
             fa = None if cond == "own_errors" else ge
-            out.append(_summary_row({**key, "error_type": etype}, ge, fa))
+            out.append(_summary_row({**key, "error_type": etype}, ge, fa, seed))
     return pd.DataFrame(out, columns=_summary_columns())
 
 
 def _summary_columns() -> list[str]:
-    cols = SUMMARY_KEYS + ["n", "n_recognized", "n_ok_steps", "n_false_alarms"]
+    cols = SUMMARY_KEYS + ["n", "n_problems", "n_recognized", "n_ok_steps", "n_false_alarms"]
     for r in RATES:
         cols += [r, f"{r}_lo", f"{r}_hi"]
-    return cols
+    return cols + ["interval_method", "false_alarm_interval_method"]
 
 
 def empty_rows_frame() -> pd.DataFrame:

@@ -204,7 +204,7 @@ _WRITERS = {
 def producing_stage(path: str) -> str:
     """The job that writes ``path`` in the output layout, so an error can say what to rerun."""
     parts = str(path).replace("\\", "/").split("/")
-    if parts and parts[-1] == "eval_summary.parquet":
+    if parts and parts[-1] in ("eval_summary.parquet", "eval_gaps.parquet"):
         return "rayjobs.evaluate"
     for part in reversed(parts[:-1]):
         if part in _WRITERS:

@@ -32,24 +32,47 @@ import yaml
 from matplotlib.figure import Figure
 
 from selfcorrect import io
+from selfcorrect.stats import (
+    GAP_COLUMNS,
+    INTERVAL_METHODS_TEXT,
+    MOVER_CLUSTER,
+    NEWCOMBE,
+    comparison_name,
+    gap_table,
+)
+from selfcorrect.stats import wilson_interval as wilson  # the report's name for it
 
 TASKS = ("multiplication", "sudoku")
 ALL_TYPES = "all"  # error_type of the eval summary's aggregate rows
 MODELS = ("ft", "eift", "hybrid", "insec", "grpo")
-CONDITIONS = ("clean", "synthetic", "ft_errors", "own_errors")
-ERROR_CONDITIONS = ("synthetic", "ft_errors", "own_errors")
+CONDITIONS = ("clean", "synthetic", "ft_errors", "matched_synthetic", "own_errors")
+ERROR_CONDITIONS = ("synthetic", "ft_errors", "matched_synthetic", "own_errors")
+# Methods trained on traces with errors and recognition lines: the headline is about them.
+ERROR_TRACE_METHODS = ("eift", "hybrid", "insec")
+METHOD_LABEL = {"ft": "FT", "eift": "EIFT", "hybrid": "Hybrid", "insec": "InSeC", "grpo": "GRPO"}
 RATES = ("accuracy", "recognition_rate", "correction_rate", "parrot_rate", "false_alarm_rate")
 CONDITION_LABEL = {
     "clean": "clean",
     "synthetic": "synthetic errors",
     "ft_errors": "FT errors",
+    "matched_synthetic": "matched synthetic",
     "own_errors": "own errors",
 }
 CONDITION_COLOR = {
     "clean": "#7f7f7f",
     "synthetic": "#4c72b0",
     "ft_errors": "#dd8452",
+    "matched_synthetic": "#8c8cd9",
     "own_errors": "#55a868",
+}
+INTERVAL_LABEL = {
+    NEWCOMBE: "Newcombe (Wilson)",
+    MOVER_CLUSTER: "Newcombe/MOVER, cluster bootstrap",
+}
+GAP_LABEL = {
+    comparison_name("synthetic", "own_errors"): "synthetic − own",
+    comparison_name("synthetic", "ft_errors"): "synthetic − FT",
+    comparison_name("synthetic", "matched_synthetic"): "synthetic − matched",
 }
 
 
@@ -61,6 +84,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     summary: pd.DataFrame | None = None  # eval_summary.parquet
+    gaps: pd.DataFrame | None = None  # eval_gaps.parquet (else computed from the summary)
     evals: pd.DataFrame | None = None  # <task>/eval/<model>.parquet, concatenated
     harvest: pd.DataFrame | None = None  # <task>/harvest/<model>-<split>.parquet
     coverage: pd.DataFrame | None = None  # <task>/coverage/<model>.parquet
@@ -157,6 +181,11 @@ def load_run(root: str) -> Run:
     summary = io.join(root, "eval_summary.parquet")
     if io.exists(summary):
         run.summary = _read(summary, notes)
+    gaps = io.join(root, "eval_gaps.parquet")
+    if io.exists(gaps):
+        run.gaps = _read(gaps, notes)
+    if run.gaps is None and run.summary is not None:  # runs from before eval_gaps.parquet
+        run.gaps = gap_table(run.summary)
 
     tasks = list(run.config.get("tasks") or [])
     tasks += [t for t in TASKS if t not in tasks and io.exists(io.join(root, t))]
@@ -238,7 +267,7 @@ def select(
     if types is not None and out.evals is not None and not out.evals.empty:
         from selfcorrect.evaluate import summarize
 
-        s = summarize(out.evals)
+        s = summarize(out.evals, seed=int(run.config.get("seed", 0) or 0))
     elif types is not None and s is not None and "error_type" in s:
         if len(types) == 1:  # the per-type rows become the slice's aggregate
             s = s[
@@ -249,23 +278,14 @@ def select(
             out.notes.append("several error types need per-item eval rows; summary left out")
             s = None
     out.summary = None if s is None else s.reset_index(drop=True)
+    # The gap is a pure function of the summary: recomputed for the slice.
+    out.gaps = None if out.summary is None else gap_table(out.summary)
     return out
 
 
 # ---------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------
-
-
-def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n ((nan, nan) when n == 0)."""
-    if n <= 0:
-        return (math.nan, math.nan)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
@@ -315,10 +335,11 @@ def figure6_table(run: Run) -> pd.DataFrame | None:
     if s.empty:
         return None
     rows = []
+    conds = [c for c in ERROR_CONDITIONS if c in set(s["condition"])]  # not run: no column
     for task in _order(s["task"], run.tasks):
         for model in _order(s[s["task"] == task]["model"], MODELS):
             row: dict[str, Any] = {"task": task, "method": model}
-            for cond in ERROR_CONDITIONS:
+            for cond in conds:
                 r = s[(s["task"] == task) & (s["model"] == model) & (s["condition"] == cond)]
                 for rate, short in (("recognition_rate", "recog"), ("correction_rate", "correct")):
                     col = f"{short} {CONDITION_LABEL[cond]}"
@@ -373,6 +394,119 @@ def coverage_table(run: Run) -> pd.DataFrame | None:
             }
         )
     return pd.DataFrame(rows)
+
+
+def error_rates_table(run: Run) -> pd.DataFrame | None:
+    """Recognition, correction, parroting and false alarms per task x method x error origin
+    (greedy), with intervals and n."""
+    rates = ["recognition_rate", "correction_rate", "parrot_rate", "false_alarm_rate"]
+    frames = []
+    for cond in ERROR_CONDITIONS:
+        t = rates_table(run, cond, rates)
+        if t is not None and not t.empty:
+            t.insert(2, "errors", CONDITION_LABEL[cond])
+            frames.append(t)
+    if not frames:
+        return None
+    out = pd.concat(frames, ignore_index=True)
+    tasks = _order(out["task"], run.tasks)
+    models = _order(out["method"], MODELS)
+    conds = [CONDITION_LABEL[c] for c in ERROR_CONDITIONS]
+    key = out.apply(
+        lambda r: (tasks.index(r["task"]), models.index(r["method"]), conds.index(r["errors"])),
+        axis=1,
+    )
+    return out.iloc[sorted(range(len(out)), key=lambda i: key.iloc[i])].reset_index(drop=True)
+
+
+def _gaps(run: Run) -> pd.DataFrame | None:
+    """The run's gap table at the lowest temperature of each task x model (greedy)."""
+    g = run.gaps
+    if g is None or g.empty or not set(GAP_COLUMNS) <= set(g.columns):
+        return None
+    t0 = g.groupby(["task", "model"])["temperature"].transform("min")
+    return g[g["temperature"] == t0]
+
+
+def gaps_table(run: Run) -> pd.DataFrame | None:
+    """The headline table: per task x method, synthetic minus own / FT / matched recognition,
+    ``diff [lo, hi]`` (95%), at greedy decoding."""
+    g = _gaps(run)
+    if g is None or g.empty:
+        return None
+    rows = []
+    for task in _order(g["task"], run.tasks):
+        gt = g[g["task"] == task]
+        for model in _order(gt["model"], MODELS):
+            gm = gt[gt["model"] == model]
+            row: dict[str, Any] = {"task": task, "method": model}
+            methods = set()
+            for comp, label in GAP_LABEL.items():
+                r = gm[gm["comparison"] == comp]
+                if r.empty:
+                    row[label] = "–"
+                    continue
+                x = r.iloc[0]
+                row[label] = (
+                    f"{_fmt(x['diff'], x['diff_lo'], x['diff_hi'])} (n {x['n_a']}/{x['n_b']})"
+                )
+                methods.add(INTERVAL_LABEL.get(str(x["method"]), str(x["method"])))
+            row["interval"] = "; ".join(sorted(methods)) or "–"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pct(v: float) -> str:
+    return "–" if v is None or math.isnan(v) else f"{100 * v:.0f}%"
+
+
+def headline(run: Run) -> list[str]:
+    """One sentence per task x method trained on error traces (greedy): recognition of
+    synthetic vs own errors and the gap with its 95% interval; then FT and matched errors."""
+    s, g = run.summary, _gaps(run)
+    if s is None or s.empty or g is None or g.empty:
+        return []
+    s = greedy(s)
+    out = []
+    for task in _order(g["task"], run.tasks):
+        for model in [m for m in _order(g[g["task"] == task]["model"], MODELS)]:
+            if model not in ERROR_TRACE_METHODS:
+                continue
+            gm = g[(g["task"] == task) & (g["model"] == model)]
+            own = gm[gm["comparison"] == comparison_name("synthetic", "own_errors")]
+            if own.empty:
+                continue
+            x = own.iloc[0]
+
+            def rec(cond: str, task: str = task, model: str = model) -> float:
+                r = _row(s, task=task, model=model, condition=cond)
+                return math.nan if r is None else float(r["recognition_rate"])
+
+            t = float(x["temperature"])
+            how = "greedy decoding" if t == 0 else f"temperature {t:g}"
+            name = METHOD_LABEL.get(model, model)
+            text = (
+                f"{name} recognises {_pct(rec('synthetic'))} of synthetic errors and "
+                f"{_pct(rec('own_errors'))} of its own (gap {x['diff']:.2f}, 95% CI "
+                f"{x['diff_lo']:.2f} to {x['diff_hi']:.2f}; {x['n_a']} synthetic / "
+                f"{x['n_b']} own errors) on {task} at {how}."
+            )
+            more = []
+            for cond, what in (
+                ("ft_errors", "the FT model's errors"),
+                ("matched_synthetic", "synthetic errors at those same states"),
+            ):
+                r = gm[gm["comparison"] == comparison_name("synthetic", cond)]
+                if not r.empty:
+                    y = r.iloc[0]
+                    more.append(
+                        f"{_pct(rec(cond))} of {what} (gap {y['diff']:.2f}, "
+                        f"{y['diff_lo']:.2f} to {y['diff_hi']:.2f})"
+                    )
+            if more:
+                text += " It recognises " + " and ".join(more) + "."
+            out.append(f"- {text}")
+    return out
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -465,6 +599,52 @@ def fig_figure6(run: Run) -> Figure | None:
                 ax.set_ylabel(f"{label} rate (95% CI)")
     axes[0][0].legend(loc="upper right", fontsize=8)
     fig.suptitle("Recognition and correction by error origin (greedy decoding)")
+    fig.tight_layout()
+    return fig
+
+
+def fig_gaps(run: Run) -> Figure | None:
+    """The gap per method: synthetic minus own / FT / matched recognition, 95% interval."""
+    g = _gaps(run)
+    if g is None or g.empty:
+        return None
+    tasks = _order(g["task"], run.tasks)
+    fig, axes = _subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), sharey=False)
+    colors = {
+        comparison_name("synthetic", c): CONDITION_COLOR[c]
+        for c in ("own_errors", "ft_errors", "matched_synthetic")
+    }
+    for j, task in enumerate(tasks):
+        gt = g[g["task"] == task]
+        models = _order(gt["model"], MODELS)
+        comps = [c for c in GAP_LABEL if c in set(gt["comparison"])]
+        ax = axes[0][j]
+        k = max(1, len(comps))
+        for i, comp in enumerate(comps):
+            for y, m in enumerate(models):
+                r = _row(gt, model=m, comparison=comp)
+                if r is None:
+                    continue
+                yy = y + (i - (k - 1) / 2) * 0.8 / k
+                d, lo, hi = (float(r[c]) for c in ("diff", "diff_lo", "diff_hi"))
+                ax.errorbar(
+                    [d],
+                    [yy],
+                    xerr=np.nan_to_num([[max(0.0, d - lo)], [max(0.0, hi - d)]]),
+                    fmt="o",
+                    capsize=2,
+                    color=colors.get(comp),
+                    label=GAP_LABEL[comp] if y == 0 else None,
+                )
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(models)), models)
+        ax.invert_yaxis()  # methods top to bottom, as in the table
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_title(f"{task}: recognition gap")
+        ax.set_xlabel("difference in recognition rate (95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Synthetic minus other error origins (greedy decoding)")
     fig.tight_layout()
     return fig
 
@@ -640,6 +820,17 @@ class Section:
 
 SECTIONS = (
     Section(
+        "gaps",
+        "The gap: synthetic versus own, FT and matched errors",
+        "Recognition of synthetic errors minus recognition of the model's own errors, of "
+        "the FT model's errors, and of synthetic errors at the FT errors' states (matched), "
+        "at greedy decoding, with 95% intervals and n (synthetic / other); see Statistical "
+        "methods.",
+        fig_gaps,
+        gaps_table,
+        "no eval_gaps.parquet or eval summary with error conditions (run rayjobs.evaluate)",
+    ),
+    Section(
         "figure6",
         "Recognition and correction by error origin (Figure 6)",
         "Does training on synthetic errors carry over to the errors models make themselves? "
@@ -658,16 +849,13 @@ SECTIONS = (
     ),
     Section(
         "parrot",
-        "Parroting and false alarms on own errors",
+        "Parroting and false alarms by error origin",
         "Parrot = recognized, then repeated the same wrong step; false alarm = recognition "
-        "line after a correct step.",
+        "line after a correct step (for own errors: over the whole free generations; for the "
+        "injected origins: in the continuation after the error).",
         lambda r: None,
-        lambda r: rates_table(
-            r,
-            "own_errors",
-            ["recognition_rate", "correction_rate", "parrot_rate", "false_alarm_rate"],
-        ),
-        "no own_errors rows in eval_summary.parquet (run rayjobs.evaluate)",
+        error_rates_table,
+        "no error-condition rows in eval_summary.parquet (run rayjobs.evaluate)",
     ),
     Section(
         "coverage",
@@ -740,6 +928,9 @@ def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
         f"- model: `{model}`; seed: {cfg.get('seed', '?')}",
         "",
     ]
+    head = headline(run)
+    if head:
+        lines += ["## Headline", ""] + head + [""]
     figures: dict[str, bytes] = {}
     for sec in SECTIONS:
         lines += [f"## {sec.title}", "", sec.why, ""]
@@ -753,6 +944,8 @@ def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
         if fig is not None:
             figures[f"{sec.name}.png"] = figure_png(fig)
             lines += [f"![{sec.title}](figures/{sec.name}.png)", ""]
+    if run.summary is not None and not run.summary.empty:
+        lines += ["## Statistical methods", "", INTERVAL_METHODS_TEXT, ""]
     timings = _timings(run)
     lines += ["## Stages", ""]
     lines += [markdown_table(timings), ""] if timings is not None else ["_No manifest.json._", ""]

@@ -25,6 +25,7 @@ from selfcorrect.evaluate import ALL_TYPES, CONDITIONS, ITEM_COLUMNS, RATES, own
 from selfcorrect.generation import generate
 from selfcorrect.loss import LossWeights, collate, encode_example, weighted_lm_loss
 from selfcorrect.models import build_model, save_model
+from selfcorrect.stats import GAP_COLUMNS
 from selfcorrect.tasks import get_task, split_lines
 from selfcorrect.traces import build_example
 
@@ -144,6 +145,14 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
                 assert per[("clean", t)] == cfg.eval.max_problems
                 assert per[("synthetic", t)] == cfg.eval.max_problems
                 assert per[("ft_errors", t)] == min(cfg.eval.max_errors, n_harvest[task])
+                # One per FT error, less the states where no synthetic error type applies.
+                assert 0 < per[("matched_synthetic", t)] <= per[("ft_errors", t)]
+            # matched_synthetic asks about the ft_errors states: same prompt, steps, position.
+            ft_items = rows[rows["condition"] == "ft_errors"].set_index(["temperature", "item_id"])
+            for _, m in rows[rows["condition"] == "matched_synthetic"].iterrows():
+                f = ft_items.loc[(m["temperature"], m["item_id"].removesuffix("-matched"))]
+                assert m["step_index"] == f["step_index"] and m["prompt"] == f["prompt"]
+                assert m["prefix"].rsplit("\n", 2)[0] == f["prefix"].rsplit("\n", 2)[0]
             # The same items at every temperature, and for every model.
             syn = rows[rows["condition"] == "synthetic"]
             by_t = [
@@ -157,7 +166,7 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
             }
         ft_rows = io.read_parquet(ctx.path(task, "eval", "ft.parquet")).to_pandas()
         eift_rows = io.read_parquet(ctx.path(task, "eval", "eift.parquet")).to_pandas()
-        for cond in ("synthetic", "ft_errors"):
+        for cond in ("synthetic", "ft_errors", "matched_synthetic"):
             a = ft_rows[ft_rows["condition"] == cond][["temperature", "item_id", "prefix"]]
             b = eift_rows[eift_rows["condition"] == cond][["temperature", "item_id", "prefix"]]
             pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
@@ -172,7 +181,7 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
             syn_types.groupby(["model", "temperature"])["n"].sum().eq(cfg.eval.max_problems).all()
         )
 
-    # Every rate sits inside its Wilson interval.
+    # Every rate sits inside its 95% interval (Wilson, or the bootstrap over problems).
     for r in RATES:
         ok = summary[r].notna()
         assert (summary.loc[ok, f"{r}_lo"] <= summary.loc[ok, r] + 1e-12).all()
@@ -192,7 +201,7 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
 
     for task in cfg.tasks:
         for t in temps:
-            for cond in ("synthetic", "ft_errors", "own_errors", "clean"):
+            for cond in ("synthetic", "ft_errors", "matched_synthetic", "own_errors", "clean"):
                 ft = rate(task, "ft", cond, t)
                 assert ft["n"] > 0
                 assert ft["recognition_rate"] <= 0.05, (task, cond, t, ft["recognition_rate"])
@@ -201,6 +210,13 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
         ft = rate(task, "ft", "synthetic", 0.0)
         assert eift["recognition_rate"] >= ft["recognition_rate"] + 0.3, (task, eift, ft)
         assert eift["recognition_rate_lo"] > ft["recognition_rate_hi"]
+
+    # The headline gap table next to the summary: every comparison per task x model x temp.
+    gaps = io.read_parquet(ctx.path("eval_gaps.parquet")).to_pandas()
+    assert list(gaps.columns) == GAP_COLUMNS
+    assert len(gaps) == len(cfg.tasks) * 2 * len(temps) * 3
+    assert (gaps["diff_lo"] <= gaps["diff"] + 1e-12).all()
+    assert (gaps["diff"] <= gaps["diff_hi"] + 1e-12).all()
 
     # A second run finds every stage done and rebuilds the same summary.
     before = read_manifest(ctx)["stages"]
@@ -212,6 +228,8 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
             assert after[key]["finished"] == before[key]["finished"]
     again = io.read_parquet(ctx.path("eval_summary.parquet")).to_pandas()
     pd.testing.assert_frame_equal(summary, again)
+    again = io.read_parquet(ctx.path("eval_gaps.parquet")).to_pandas()
+    pd.testing.assert_frame_equal(gaps, again)
 
 
 def test_same_seed_same_numbers(ray_session, trained_run):

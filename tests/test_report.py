@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -19,11 +20,22 @@ from selfcorrect import io
 from selfcorrect.evaluate import rows_frame, summarize
 from selfcorrect.report import (
     SECTIONS,
+    build_report,
     figure6_table,
+    gaps_table,
+    headline,
     load_run,
     select,
     wilson,
     write_report,
+)
+from selfcorrect.stats import (
+    CLUSTER_BOOTSTRAP,
+    GAP_SCHEMA,
+    INTERVAL_METHODS_TEXT,
+    WILSON,
+    gap_table,
+    wilson_interval,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +44,7 @@ TYPES = {
     "sudoku": ["invalid", "non_naked_single", "other"],
 }
 MODELS = ["ft", "eift", "hybrid"]
+CONDITIONS = ("clean", "synthetic", "ft_errors", "matched_synthetic", "own_errors")
 TEMPS = [0.0, 1.0]
 
 
@@ -106,11 +119,16 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
         if full or "eval" in stages:
             for model in MODELS:
                 rows = []
-                for cond in ("clean", "synthetic", "ft_errors", "own_errors"):
+                for cond in CONDITIONS:
                     for t in TEMPS:
                         for i in range(25):
                             err = cond != "clean"
                             rec = bool(rng.random() < 0.5) if err else None
+                            # Clustered like real runs: two FT errors per problem (and their
+                            # matched items), up to three own errors per free generation.
+                            per = {"ft_errors": 2, "matched_synthetic": 2, "own_errors": 3}
+                            pid = f"p{i // per.get(cond, 1)}"
+                            trace = f"clean-{t}-{pid}" if cond == "own_errors" else None
                             rows.append(
                                 {
                                     "task": task,
@@ -118,6 +136,7 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
                                     "condition": cond,
                                     "temperature": t,
                                     "item_id": f"{cond}-{i}",
+                                    "problem_id": pid,
                                     "error_type": rng.choice(types) if err else None,
                                     "correct": bool(rng.random() < 0.6),
                                     "recognized": rec,
@@ -126,16 +145,21 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
                                     else None,
                                     "parroted": (bool(rng.random() < 0.2) and rec) if err else None,
                                     "false_alarm": bool(rng.random() < 0.05),
-                                    "trace_id": f"{cond}-{t}-{i}",
-                                    "n_ok_steps": 5,
-                                    "n_false_alarms": int(rng.random() < 0.2),
+                                    "trace_id": trace or f"{cond}-{t}-p{i}",
+                                    "n_ok_steps": None if cond == "own_errors" else 5,
+                                    "n_false_alarms": None
+                                    if cond == "own_errors"
+                                    else int(rng.random() < 0.2),
                                 }
                             )
                 df = rows_frame(rows)
                 io.write_parquet(io.join(root, task, "eval", f"{model}.parquet"), df)
                 items.append(df)
     if full or "eval" in stages:
-        io.write_parquet(io.join(root, "eval_summary.parquet"), summarize(pd.concat(items)))
+        summary = summarize(pd.concat(items), seed=seed)
+        io.write_parquet(io.join(root, "eval_summary.parquet"), summary)
+        gaps = pa.Table.from_pandas(gap_table(summary), schema=GAP_SCHEMA, preserve_index=False)
+        io.write_parquet(io.join(root, "eval_gaps.parquet"), gaps)
     return root
 
 
@@ -148,6 +172,10 @@ def test_wilson_interval_contains_estimate_and_shrinks_with_n():
     assert all(np.isnan(wilson(0, 0)))
 
 
+def test_report_wilson_is_the_stats_module_one():
+    assert wilson is wilson_interval
+
+
 def test_load_run_reads_every_table(tmp_path):
     root = make_synthetic_run(str(tmp_path / "run"))
     run = load_run(root)
@@ -158,6 +186,11 @@ def test_load_run_reads_every_table(tmp_path):
     assert len(run.coverage) == 80 and len(run.tune) == 8
     assert "other" == run.error_types[-1]
     assert run.notes == []
+    assert set(run.gaps["comparison"]) == {
+        "synthetic-own_errors",
+        "synthetic-ft_errors",
+        "synthetic-matched_synthetic",
+    }
 
 
 def test_side_tables_of_stages_are_not_mistaken_for_results(tmp_path):
@@ -320,3 +353,91 @@ def test_notebook_executes_on_a_run_directory(tmp_path):
     pivot = next(c for c in nb.cells if "pivot_table" in c.source)
     shown = "".join(o.get("data", {}).get("text/plain", "") for o in pivot.outputs)
     assert "invalid" in shown and "non_naked_single" not in shown
+
+
+def _greedy_gap(run, task, model, comparison):
+    g = run.gaps
+    return g[
+        (g.task == task) & (g.model == model) & (g.comparison == comparison) & (g.temperature == 0)
+    ].iloc[0]
+
+
+def test_summary_intervals_follow_the_clustering(tmp_path):
+    run = load_run(make_synthetic_run(str(tmp_path / "run")))
+    s = run.summary[run.summary.error_type == "all"]
+    methods = s.groupby("condition")["interval_method"].agg(set)
+    assert methods["clean"] == methods["synthetic"] == {WILSON}
+    # Several items per problem: two FT errors (and their matched items), own errors.
+    for cond in ("ft_errors", "matched_synthetic", "own_errors"):
+        assert methods[cond] == {CLUSTER_BOOTSTRAP}, cond
+    assert set(s["false_alarm_interval_method"].dropna()) == {CLUSTER_BOOTSTRAP}
+    own = s[s.condition == "own_errors"]
+    assert (own["n_problems"] < own["n"]).all()
+    # Never narrower than Wilson on the pooled counts.
+    for _, r in own.iterrows():
+        lo, hi = wilson_interval(r["n_recognized"], r["n"])
+        assert r["recognition_rate_lo"] <= lo + 1e-12 and r["recognition_rate_hi"] >= hi - 1e-12
+
+
+def test_gap_table_and_headline(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"))
+    run = load_run(root)
+    # eval_gaps.parquet as written is what gap_table computes from the summary.
+    pd.testing.assert_frame_equal(run.gaps, gap_table(run.summary), check_dtype=False)
+    table = gaps_table(run)
+    assert len(table) == 2 * len(MODELS)
+    assert list(table.columns) == [
+        "task",
+        "method",
+        "synthetic − own",
+        "synthetic − FT",
+        "synthetic − matched",
+        "interval",
+    ]
+    x = _greedy_gap(run, "sudoku", "eift", "synthetic-own_errors")
+    cell = table[(table.task == "sudoku") & (table.method == "eift")]["synthetic − own"].iloc[0]
+    assert cell.startswith(f"{x['diff']:.2f} [{x['diff_lo']:.2f}, {x['diff_hi']:.2f}]")
+    assert x["method"] == "newcombe_mover_cluster_bootstrap"
+    # One headline sentence per task x method trained on error traces (eift, hybrid; not ft).
+    lines = headline(run)
+    assert len(lines) == 2 * 2
+    assert not any(line.startswith("- FT ") for line in lines)
+    eift_sudoku = next(line for line in lines if "EIFT" in line and "on sudoku" in line)
+    s = run.summary
+    syn = s[
+        (s.task == "sudoku")
+        & (s.model == "eift")
+        & (s.condition == "synthetic")
+        & (s.temperature == 0)
+        & (s.error_type == "all")
+    ].iloc[0]
+    assert f"recognises {100 * syn['recognition_rate']:.0f}% of synthetic errors" in eift_sudoku
+    assert f"(gap {x['diff']:.2f}, 95% CI {x['diff_lo']:.2f} to {x['diff_hi']:.2f}" in eift_sudoku
+    assert "synthetic errors at those same states" in eift_sudoku
+    text, figures = build_report(run)
+    assert text.index("## Headline") < text.index("## The gap") < text.index("## Recognition")
+    assert eift_sudoku in text and "gaps.png" in figures
+    assert "## Statistical methods" in text and INTERVAL_METHODS_TEXT in text
+    assert "Newcombe" in text and "bootstrap over problems" in text
+    # Figure 6 and the rates table have the matched condition.
+    assert "recog matched synthetic" in figure6_table(run).columns
+    assert "| matched synthetic |" in text
+
+
+def test_gaps_without_eval_gaps_parquet_and_for_a_slice(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"))
+    os.remove(os.path.join(root, "eval_gaps.parquet"))
+    run = load_run(root)  # a run from before eval_gaps.parquet: computed from the summary
+    assert run.gaps is not None and len(run.gaps) == 2 * len(MODELS) * len(TEMPS) * 3
+    sub = select(run, task="sudoku", method="eift", error_type="invalid")
+    assert set(sub.gaps["task"]) == {"sudoku"} and set(sub.gaps["model"]) == {"eift"}
+    s = sub.summary[(sub.summary.temperature == 0) & (sub.summary.error_type == "all")]
+    rec = s.set_index("condition")["recognition_rate"]
+    x = _greedy_gap(sub, "sudoku", "eift", "synthetic-ft_errors")
+    assert x["diff"] == pytest.approx(rec["synthetic"] - rec["ft_errors"])
+
+
+def test_report_without_eval_has_no_headline_or_methods(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("harvest",))
+    text = open(write_report(root)).read()
+    assert "## Headline" not in text and "## Statistical methods" not in text
