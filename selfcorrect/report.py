@@ -6,6 +6,7 @@ same functions serve the report stage and ``notebooks/analysis.ipynb``:
     run = load_run("runs/tiny")                  # local dir or URI
     sub = select(run, task="sudoku", method=["ft", "eift"], error_type="invalid")
     fig_figure6(sub)                             # a matplotlib Figure, or None
+    train_final(sub); fig_learning_curves(sub)   # training metrics (run.train)
     write_report("runs/tiny")                    # report.md + figures/
 
 Each figure function returns ``None`` when its input is absent (a stage that
@@ -69,6 +70,40 @@ INTERVAL_LABEL = {
     NEWCOMBE: "Newcombe (Wilson)",
     MOVER_CLUSTER: "Newcombe/MOVER, cluster bootstrap",
 }
+METHOD_COLOR = {
+    "ft": "#7f7f7f",
+    "eift": "#4c72b0",
+    "hybrid": "#dd8452",
+    "insec": "#55a868",
+    "grpo": "#c44e52",
+}
+# Training metrics (models/<method>/metrics.parquet): the decision after a wrong step, the
+# forced rest of the recognition line, and the greedy recognition probes (learning curves).
+DECISION_COLUMNS = ("decision_loss", "decision_accuracy", "decision_false_alarm_rate")
+PROBE_COLUMNS = ("probe_synthetic_recognition", "probe_ft_errors_recognition")
+TRAIN_FINAL_COLUMNS = (*DECISION_COLUMNS, "loss_recognition", *PROBE_COLUMNS)
+PROBE_STYLE = {
+    "probe_synthetic_recognition": ("-", "synthetic errors"),
+    "probe_ft_errors_recognition": ("--", "FT errors"),
+}
+INSEC_PROTOCOL_TEXT = (
+    "**InSeC's format and eval protocol.** An InSeC mistake is written *unmarked*, exactly as "
+    "a model's own wrong step is, then `</mistake>` on its own line, then the correct step; "
+    "there is no opening `<mistake>` marker (the model would have to write it before the "
+    "mistake, i.e. plan it). Eval therefore gives InSeC the same unmarked prefixes as every "
+    "other method and counts `</mistake>` after a wrong step as recognition, exactly as the "
+    "line `AH! I MADE A MISTAKE.` counts for EIFT and hybrid; correction, parroting and false "
+    "alarms are scored the same way for both signals."
+)
+DECISION_TEXT = (
+    "**The decision.** The first token(s) of the recognition signal (`AH` of the EIFT line, "
+    "InSeC's `</mistake>`) decide whether an error is flagged; the rest of the line is "
+    "forced. Training logs, per log window, `decision_loss` (-log p of flagging, per wrong "
+    "step), `decision_accuracy` (the argmax flags it) and `decision_false_alarm_rate` (the "
+    "argmax would start the signal after a correct step); with `train.probe_every`, greedy "
+    "recognition probes on a fixed set of synthetic and FT-error items "
+    "(`probe_synthetic_recognition`, `probe_ft_errors_recognition`) give the learning curves."
+)
 GAP_LABEL = {
     comparison_name("synthetic", "own_errors"): "synthetic − own",
     comparison_name("synthetic", "ft_errors"): "synthetic − FT",
@@ -89,12 +124,14 @@ class Run:
     harvest: pd.DataFrame | None = None  # <task>/harvest/<model>-<split>.parquet
     coverage: pd.DataFrame | None = None  # <task>/coverage/<model>.parquet
     tune: pd.DataFrame | None = None  # <task>/tune/results.parquet
+    # <task>/models/<method>/metrics.parquet (base, grpo included), one row per log step
+    train: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)  # files that could not be read
 
     @property
     def tasks(self) -> list[str]:
         found: set[str] = set()
-        for df in (self.summary, self.evals, self.harvest, self.coverage, self.tune):
+        for df in (self.summary, self.evals, self.harvest, self.coverage, self.tune, self.train):
             if df is not None and "task" in df:
                 found.update(df["task"].dropna().unique())
         order = list(self.config.get("tasks") or TASKS)
@@ -140,6 +177,19 @@ def _list(path: str, suffix: str) -> list[str]:
         if i.type == pafs.FileType.File
         and i.base_name.endswith(suffix)
         and not i.base_name.startswith(".")
+    )
+
+
+def _list_dirs(path: str) -> list[str]:
+    """Sub-folder names of ``path``, hidden ones (staging, Ray storage) left out; [] if absent."""
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
     )
 
 
@@ -189,7 +239,7 @@ def load_run(root: str) -> Run:
 
     tasks = list(run.config.get("tasks") or [])
     tasks += [t for t in TASKS if t not in tasks and io.exists(io.join(root, t))]
-    evals, harvest, coverage, tune = [], [], [], []
+    evals, harvest, coverage, tune, train = [], [], [], [], []
     for task in tasks:
         d = io.join(root, task, "eval")
         # Only the DESIGN 7 files: stages keep side tables next to them (eval/summary.parquet,
@@ -213,8 +263,14 @@ def load_run(root: str) -> Run:
         p = io.join(root, task, "tune", "results.parquet")
         if io.exists(p):
             tune.append(_read(p, notes, task=task))
+        d = io.join(root, task, "models")
+        for method in _list_dirs(d):
+            p = io.join(d, method, "metrics.parquet")
+            if io.exists(p):
+                train.append(_read(p, notes, task=task, method=method))
     run.evals, run.harvest = _concat(evals), _concat(harvest)
     run.coverage, run.tune = _concat(coverage), _concat(tune)
+    run.train = _concat(train)
     return run
 
 
@@ -225,6 +281,8 @@ def select(
     error_type: str | list[str] | None = None,
 ) -> Run:
     """The same run restricted to some tasks / methods (models) / error types.
+
+    ``method`` filters the eval tables by ``model`` and the training metrics by ``method``.
 
     ``error_type`` filters every row-level table with an ``error_type`` column
     (harvest, coverage, per-item eval; rows without a type, such as ``clean``
@@ -238,14 +296,16 @@ def select(
 
     tasks, models, types = as_list(task), as_list(method), as_list(error_type)
 
-    def keep(df: pd.DataFrame | None, by_model: bool = True) -> pd.DataFrame | None:
+    def keep(
+        df: pd.DataFrame | None, by_model: bool = True, model_col: str = "model"
+    ) -> pd.DataFrame | None:
         if df is None:
             return None
         m = pd.Series(True, index=df.index)
         if tasks is not None and "task" in df:
             m &= df["task"].isin(tasks)
-        if by_model and models is not None and "model" in df:
-            m &= df["model"].isin(models)
+        if by_model and models is not None and model_col in df:
+            m &= df[model_col].isin(models)
         if types is not None and "error_type" in df:
             m &= df["error_type"].isna() | df["error_type"].isin(types)
         return df[m].reset_index(drop=True)
@@ -257,6 +317,7 @@ def select(
         harvest=keep(run.harvest, by_model=False),
         coverage=keep(run.coverage, by_model=False),
         tune=keep(run.tune, by_model=False),
+        train=keep(run.train, model_col="method"),  # log steps have no error type
         notes=list(run.notes),
     )
     s = run.summary
@@ -417,6 +478,61 @@ def error_rates_table(run: Run) -> pd.DataFrame | None:
         axis=1,
     )
     return out.iloc[sorted(range(len(out)), key=lambda i: key.iloc[i])].reset_index(drop=True)
+
+
+def _train_numeric(run: Run) -> pd.DataFrame | None:
+    """``run.train`` with ``step`` and the metric columns as floats (all-null columns, as
+    pyarrow writes a metric no log step had, become NaN), sorted by task, method, step."""
+    t = run.train
+    if t is None or t.empty or not {"task", "method", "step"} <= set(t.columns):
+        return None
+    t = t.copy()
+    for c in ("step", *TRAIN_FINAL_COLUMNS):
+        if c in t:
+            t[c] = pd.to_numeric(t[c], errors="coerce")
+    return t.sort_values(["task", "method", "step"], kind="stable")
+
+
+def _has(df: pd.DataFrame, columns: Iterable[str]) -> bool:
+    return any(c in df and df[c].notna().any() for c in columns)
+
+
+def train_final(run: Run) -> pd.DataFrame | None:
+    """Per task x method trained on error traces (a method with decision metrics): the final
+    training step and the last logged value of each of ``TRAIN_FINAL_COLUMNS`` (NaN where a
+    method never logged it; probe columns only when some method has them). Numbers, not text."""
+    t = _train_numeric(run)
+    if t is None or not _has(t, DECISION_COLUMNS):
+        return None
+    cols = [c for c in TRAIN_FINAL_COLUMNS if c not in PROBE_COLUMNS or _has(t, [c])]
+    rows = []
+    for task in _order(t["task"], run.tasks):
+        tt = t[t["task"] == task]
+        for method in _order(tt["method"], MODELS):
+            g = tt[tt["method"] == method]
+            if not _has(g, DECISION_COLUMNS):
+                continue  # ft, base, grpo: no recognition line to decide on
+            row: dict[str, Any] = {"task": task, "method": method, "step": int(g["step"].max())}
+            for c in cols:
+                v = g[c].dropna() if c in g else pd.Series(dtype=float)
+                row[c] = float(v.iloc[-1]) if len(v) else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
+def decision_table(run: Run) -> pd.DataFrame | None:
+    """``train_final`` as report text: losses and the (small) false-alarm rate to 3 decimals,
+    the other rates to 2, ``–`` where absent."""
+    t = train_final(run)
+    if t is None:
+        return None
+    out = t.copy().astype({"step": int})
+    for c in out.columns[3:]:
+        digits = 3 if "loss" in c or "false_alarm" in c else 2
+        out[c] = [
+            "–" if v is None or math.isnan(v) else f"{v:.{digits}f}" for v in t[c].astype(float)
+        ]
+    return out
 
 
 def _gaps(run: Run) -> pd.DataFrame | None:
@@ -808,6 +924,95 @@ def fig_temperature(run: Run) -> Figure | None:
     return fig
 
 
+def fig_decision(run: Run) -> Figure | None:
+    """The decision over training, per task: ``decision_loss`` (top); ``decision_accuracy``
+    (solid) and ``decision_false_alarm_rate`` (dotted) (bottom), one colour per method."""
+    t = _train_numeric(run)
+    if t is None or not _has(t, DECISION_COLUMNS):
+        return None
+    tasks = [x for x in _order(t["task"], run.tasks) if _has(t[t["task"] == x], DECISION_COLUMNS)]
+    fig, axes = _subplots(2, len(tasks), figsize=(5.5 * len(tasks), 6.5))
+    for j, task in enumerate(tasks):
+        tt = t[t["task"] == task]
+        top, bottom = axes[0][j], axes[1][j]
+        for method in _order(tt["method"], MODELS):
+            g = tt[tt["method"] == method]
+            if not _has(g, DECISION_COLUMNS):
+                continue
+            color = METHOD_COLOR.get(method)
+            name = METHOD_LABEL.get(method, method)
+            for ax, col, ls, label in (
+                (top, "decision_loss", "-", name),
+                (bottom, "decision_accuracy", "-", f"{name}: accuracy"),
+                (bottom, "decision_false_alarm_rate", ":", f"{name}: false alarms"),
+            ):
+                if col in g and g[col].notna().any():
+                    x = g[g[col].notna()]
+                    ax.plot(x["step"], x[col], ls, color=color, label=label)
+        top.set_title(f"{task}: decision loss (-log p of flagging a wrong step)")
+        top.set_ylabel("decision_loss")
+        bottom.set_title(f"{task}: argmax decision")
+        bottom.set_ylabel("rate")
+        bottom.set_ylim(-0.02, 1.05)
+        for ax in (top, bottom):
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_learning_curves(run: Run) -> Figure | None:
+    """Greedy recognition probes over training, one panel per task: synthetic errors (solid)
+    and FT errors (dashed) per method, ``decision_accuracy`` as a thin line behind them.
+    None when no method logged a probe (``train.probe_every`` = 0)."""
+    t = _train_numeric(run)
+    if t is None or not _has(t, PROBE_COLUMNS):
+        return None
+    tasks = [x for x in _order(t["task"], run.tasks) if _has(t[t["task"] == x], PROBE_COLUMNS)]
+    fig, axes = _subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.0))
+    for j, task in enumerate(tasks):
+        tt = t[t["task"] == task]
+        ax = axes[0][j]
+        for method in _order(tt["method"], MODELS):
+            g = tt[tt["method"] == method]
+            if not _has(g, PROBE_COLUMNS):
+                continue
+            color = METHOD_COLOR.get(method)
+            name = METHOD_LABEL.get(method, method)
+            for col, (ls, what) in PROBE_STYLE.items():
+                if col in g and g[col].notna().any():
+                    x = g[g[col].notna()]
+                    ax.plot(
+                        x["step"],
+                        x[col],
+                        ls,
+                        marker="o",
+                        ms=3,
+                        color=color,
+                        label=f"{name}: {what}",
+                    )
+            if "decision_accuracy" in g and g["decision_accuracy"].notna().any():
+                x = g[g["decision_accuracy"].notna()]
+                ax.plot(
+                    x["step"],
+                    x["decision_accuracy"],
+                    "-",
+                    lw=0.7,
+                    alpha=0.5,
+                    color=color,
+                    label=f"{name}: decision accuracy (train)",
+                )
+        ax.set_title(f"{task}: recognition during training")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("recognition (greedy probe)")
+        ax.set_ylim(-0.02, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 @dataclass(frozen=True)
 class Section:
     name: str  # also the PNG file name
@@ -856,6 +1061,32 @@ SECTIONS = (
         lambda r: None,
         error_rates_table,
         "no error-condition rows in eval_summary.parquet (run rayjobs.evaluate)",
+    ),
+    Section(
+        "decision",
+        "The decision in training",
+        "The mean recognition-span loss hides the decision: it averages over the line's "
+        "forced tokens, cheap once the line has started, while whether an error gets flagged "
+        "at all is decided by its first token(s) (`AH`, InSeC's `</mistake>`), so the table "
+        "gives the decision's own loss, argmax accuracy after a wrong step and argmax false "
+        "alarms after a correct step next to `loss_recognition` (last logged values of "
+        "training; `probe_*` = greedy recognition on fixed items at the last probe).",
+        fig_decision,
+        decision_table,
+        "no decision metrics in <task>/models/<method>/metrics.parquet (train eift, hybrid "
+        "or insec; runs from before the decision metrics lack them)",
+    ),
+    Section(
+        "learning_curves",
+        "Learning curves",
+        "Greedy recognition of synthetic errors (solid) and of the FT model's errors (dashed) "
+        "on fixed probe items during training, per method; the thin line is the training "
+        "decision accuracy. Does FT-error recognition follow synthetic recognition?",
+        fig_learning_curves,
+        None,
+        "no probe_* columns in <task>/models/<method>/metrics.parquet (set train.probe_every "
+        "> 0; probes run for eift, hybrid and insec, the FT-error probe only once harvest has "
+        "run before the method trains)",
     ),
     Section(
         "coverage",
@@ -944,6 +1175,7 @@ def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
         if fig is not None:
             figures[f"{sec.name}.png"] = figure_png(fig)
             lines += [f"![{sec.title}](figures/{sec.name}.png)", ""]
+    lines += ["## Definitions", "", INSEC_PROTOCOL_TEXT, "", DECISION_TEXT, ""]
     if run.summary is not None and not run.summary.empty:
         lines += ["## Statistical methods", "", INTERVAL_METHODS_TEXT, ""]
     timings = _timings(run)

@@ -19,13 +19,18 @@ import yaml
 from selfcorrect import io
 from selfcorrect.evaluate import rows_frame, summarize
 from selfcorrect.report import (
+    INSEC_PROTOCOL_TEXT,
     SECTIONS,
     build_report,
+    decision_table,
+    fig_decision,
+    fig_learning_curves,
     figure6_table,
     gaps_table,
     headline,
     load_run,
     select,
+    train_final,
     wilson,
     write_report,
 )
@@ -46,10 +51,54 @@ TYPES = {
 MODELS = ["ft", "eift", "hybrid"]
 CONDITIONS = ("clean", "synthetic", "ft_errors", "matched_synthetic", "own_errors")
 TEMPS = [0.0, 1.0]
+TRAIN_STEPS, PROBE_EVERY = 20, 5
+# Which probes each method's metrics.parquet has (ft, base: no decision metrics at all).
+TRAIN_PROBES = {
+    "base": None,
+    "ft": None,
+    "eift": ("synthetic", "ft_errors"),
+    "hybrid": (),  # decision metrics, no probe columns (train.probe_every = 0)
+    "insec": ("synthetic",),  # trained before harvest: no FT-error probe
+}
+
+
+def train_history(task: str, method: str, probes: tuple[str, ...] | None) -> list[dict]:
+    """Per-log-step metrics as the training loop logs them: decision metrics only for
+    methods with recognition lines, probe values only at probe steps (and the final one)."""
+    # a per task x method offset, so a value read from the wrong file shows
+    k = 1 + sum(map(ord, method)) % 17 + (10 if task == "sudoku" else 0)
+    hist = []
+    for step in range(1, TRAIN_STEPS + 1):
+        h = {"step": step, "loss": 2.0 / step, "loss_golden": 1.5 / step, "lr": 1e-3}
+        if probes is not None:
+            h |= {
+                "loss_recognition": 0.5 / step + k / 1000,
+                "loss_decision": 1.0 / step,
+                "decision_loss": 3.0 / step + k / 100,
+                "decision_accuracy": min(1.0, max(0.0, step / TRAIN_STEPS - k / 100)),
+                "decision_n": 7.0,
+                "decision_false_alarm_rate": 0.1 / step + k / 1000,
+            }
+            if step % PROBE_EVERY == 0 or step == TRAIN_STEPS:
+                for c in probes:
+                    h[f"probe_{c}_recognition"] = (
+                        step / TRAIN_STEPS / (2 if c == "ft_errors" else 1)
+                    )
+        hist.append(h)
+    return hist
+
+
+def write_train_metrics(root: str, task: str, method: str, probes: tuple[str, ...] | None) -> None:
+    """``<task>/models/<method>/metrics.parquet`` written the way rayjobs.train writes it."""
+    hist = train_history(task, method, probes)
+    cols = sorted({k for h in hist for k in h})
+    table = pa.table({c: [h.get(c) for h in hist] for c in cols})
+    io.write_parquet(io.join(root, task, "models", method, "metrics.parquet"), table)
 
 
 def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all",)) -> str:
-    """Write a small run directory: config, manifest, per-item eval, summary, harvest, coverage, tune."""
+    """Write a small run directory: config, manifest, per-item eval, summary, harvest, coverage,
+    tune, training metrics."""
     rng = np.random.default_rng(seed)
     full = "all" in stages
     io.write_text(
@@ -62,6 +111,9 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
     )
     items = []
     for task, types in TYPES.items():
+        if full or "train" in stages:
+            for method, probes in TRAIN_PROBES.items():
+                write_train_metrics(root, task, method, probes)
         if full or "harvest" in stages:
             for split in ("train", "test"):
                 n = 30
@@ -268,7 +320,8 @@ def test_write_report_all_sections(tmp_path):
     for sec in SECTIONS:
         assert f"## {sec.title}" in text
     assert "_Skipped" not in text
-    for name in ("figure6", "accuracy", "coverage", "error_types", "tune", "temperature"):
+    names = ("figure6", "accuracy", "coverage", "error_types", "tune", "temperature")
+    for name in (*names, "decision", "learning_curves"):
         png = tmp_path / "run" / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"figures/{name}.png" in text
@@ -353,6 +406,13 @@ def test_notebook_executes_on_a_run_directory(tmp_path):
     pivot = next(c for c in nb.cells if "pivot_table" in c.source)
     shown = "".join(o.get("data", {}).get("text/plain", "") for o in pivot.outputs)
     assert "invalid" in shown and "non_naked_single" not in shown
+    # the training cell: the slice's metrics, the decision table, both training figures
+    train = next(c for c in nb.cells if "report.fig_learning_curves(sub)" in c.source)
+    shown = "".join(o.get("text", "") for o in train.outputs)
+    assert "training metrics: 20 log steps of [('sudoku', 'eift')]" in shown
+    tables = "".join(o.get("data", {}).get("text/plain", "") for o in train.outputs)
+    assert "decision_false_alarm_rate" in tables
+    assert sum("image/png" in o.get("data", {}) for o in train.outputs) == 2
 
 
 def _greedy_gap(run, task, model, comparison):
@@ -441,3 +501,173 @@ def test_report_without_eval_has_no_headline_or_methods(tmp_path):
     root = make_synthetic_run(str(tmp_path / "run"), stages=("harvest",))
     text = open(write_report(root)).read()
     assert "## Headline" not in text and "## Statistical methods" not in text
+
+
+# ---------------------------------------------------------------------------
+# Training metrics: run.train, the decision, learning curves
+# ---------------------------------------------------------------------------
+
+
+def _final(task: str, method: str, column: str) -> float:
+    """The last logged value of ``column`` in the hand-made history (NaN if never logged)."""
+    vals = [h[column] for h in train_history(task, method, TRAIN_PROBES[method]) if column in h]
+    return vals[-1] if vals else float("nan")
+
+
+def test_load_run_reads_training_metrics(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("train",))
+    # Hidden siblings (Ray storage, staging) and a model folder without metrics are not methods.
+    write_train_metrics(root, "sudoku", ".eift-ray", ("synthetic",))
+    os.makedirs(os.path.join(root, "sudoku", "models", "grpo"))
+    run = load_run(root)
+    assert run.notes == []
+    assert run.tasks == ["multiplication", "sudoku"]
+    t = run.train
+    assert len(t) == 2 * len(TRAIN_PROBES) * TRAIN_STEPS
+    assert set(t["method"]) == set(TRAIN_PROBES) and set(t["task"]) == set(TYPES)
+    ft = t[t.method == "ft"]
+    assert ft["decision_loss"].isna().all() and ft["loss"].notna().all()
+    insec = t[(t.method == "insec") & (t.task == "sudoku")]
+    assert insec["probe_ft_errors_recognition"].isna().all()
+    probe_steps = insec.loc[insec["probe_synthetic_recognition"].notna(), "step"].tolist()
+    assert probe_steps == [5, 10, 15, 20]
+
+
+def test_train_final_and_decision_table(tmp_path):
+    run = load_run(make_synthetic_run(str(tmp_path / "run"), stages=("train",)))
+    final = train_final(run)
+    # Only methods trained on error traces have decision metrics: not ft, not base.
+    assert list(zip(final.task, final.method, strict=True)) == [
+        (task, m) for task in TYPES for m in ("eift", "hybrid", "insec")
+    ]
+    assert list(final.columns) == [
+        "task",
+        "method",
+        "step",
+        "decision_loss",
+        "decision_accuracy",
+        "decision_false_alarm_rate",
+        "loss_recognition",
+        "probe_synthetic_recognition",
+        "probe_ft_errors_recognition",
+    ]
+    for _, r in final.iterrows():
+        assert r["step"] == TRAIN_STEPS
+        for c in final.columns[3:]:
+            want = _final(r["task"], r["method"], c)
+            if np.isnan(want):
+                assert np.isnan(r[c]), (r["task"], r["method"], c)
+            else:
+                assert r[c] == pytest.approx(want), (r["task"], r["method"], c)
+    r = final[(final.task == "sudoku") & (final.method == "insec")].iloc[0]
+    assert r["probe_synthetic_recognition"] == 1.0 and np.isnan(r["probe_ft_errors_recognition"])
+    table = decision_table(run)
+    cell = table[(table.task == "multiplication") & (table.method == "eift")].iloc[0]
+    assert cell["decision_loss"] == f"{_final('multiplication', 'eift', 'decision_loss'):.3f}"
+    assert (
+        cell["decision_accuracy"] == f"{_final('multiplication', 'eift', 'decision_accuracy'):.2f}"
+    )
+    fa = _final("multiplication", "eift", "decision_false_alarm_rate")
+    assert cell["decision_false_alarm_rate"] == f"{fa:.3f}"  # small: three decimals
+    assert cell["probe_ft_errors_recognition"] == "0.50"
+    hybrid = table[(table.task == "sudoku") & (table.method == "hybrid")].iloc[0]
+    assert hybrid["probe_synthetic_recognition"] == "–"
+
+
+def test_report_has_the_decision_and_learning_curves(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("train",))
+    run = load_run(root)
+    fig = fig_learning_curves(run)
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == [
+        "multiplication: recognition during training",
+        "sudoku: recognition during training",
+    ]
+    lines = {ln.get_label(): ln for ln in axes[1].get_lines()}
+    # eift: both probes + decision accuracy; insec: the synthetic probe + decision accuracy;
+    # hybrid (no probes), ft and base are not drawn.
+    assert set(lines) == {
+        "EIFT: synthetic errors",
+        "EIFT: FT errors",
+        "EIFT: decision accuracy (train)",
+        "InSeC: synthetic errors",
+        "InSeC: decision accuracy (train)",
+    }
+    assert lines["EIFT: synthetic errors"].get_linestyle() == "-"
+    assert lines["EIFT: FT errors"].get_linestyle() == "--"
+    assert list(lines["EIFT: FT errors"].get_xdata()) == [5, 10, 15, 20]
+    assert fig_decision(run) is not None
+    text = open(write_report(root)).read()
+    for name in ("decision", "learning_curves"):
+        png = tmp_path / "run" / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"figures/{name}.png" in text
+    assert "## The decision in training" in text and "## Learning curves" in text
+    assert "hides the decision" in text
+    assert f"| {_final('sudoku', 'insec', 'decision_loss'):.3f} |" in text
+
+
+def test_learning_curves_skipped_without_probes(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("train",))
+    for task in TYPES:
+        for method in ("eift", "insec"):
+            write_train_metrics(root, task, method, ())  # train.probe_every = 0
+    run = load_run(root)
+    assert fig_learning_curves(run) is None
+    final = train_final(run)
+    assert not [c for c in final.columns if c.startswith("probe_")]
+    text = open(write_report(root)).read()
+    assert "_Skipped: no probe_* columns in <task>/models/<method>/metrics.parquet" in text
+    assert "figures/learning_curves.png" not in text and "figures/decision.png" in text
+    assert not (tmp_path / "run" / "figures" / "learning_curves.png").exists()
+
+
+def test_no_training_metrics_skips_both_sections(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("harvest",))
+    run = load_run(root)
+    assert run.train is None
+    assert train_final(run) is None and decision_table(run) is None
+    assert fig_learning_curves(run) is None and fig_decision(run) is None
+    # ft alone: metrics, but no decision to report
+    write_train_metrics(root, "sudoku", "ft", None)
+    run = load_run(root)
+    assert len(run.train) == TRAIN_STEPS and train_final(run) is None
+    text = open(write_report(root)).read()
+    assert "_Skipped: no decision metrics" in text
+
+
+def test_corrupt_training_metrics_become_a_note(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("train",))
+    bad = tmp_path / "run" / "sudoku" / "models" / "eift" / "metrics.parquet"
+    bad.write_bytes(b"not parquet")
+    run = load_run(root)
+    assert len(run.notes) == 1 and "sudoku/models/eift/metrics.parquet" in run.notes[0]
+    assert "rayjobs.train" in run.notes[0]  # the stage to rerun
+    assert not ((run.train.task == "sudoku") & (run.train.method == "eift")).any()
+    final = train_final(run)
+    assert ("sudoku", "eift") not in set(zip(final.task, final.method, strict=True))
+    assert ("multiplication", "eift") in set(zip(final.task, final.method, strict=True))
+    text = open(write_report(root)).read()
+    assert "Files that could not be read" in text and "figures/learning_curves.png" in text
+
+
+def test_select_filters_training_metrics(tmp_path):
+    run = load_run(make_synthetic_run(str(tmp_path / "run")))
+    sub = select(run, method="insec")
+    assert set(sub.train["method"]) == {"insec"} and set(sub.train["task"]) == set(TYPES)
+    sub = select(run, task="sudoku", method=["eift", "ft"], error_type="invalid")
+    assert set(sub.train["method"]) == {"eift", "ft"} and set(sub.train["task"]) == {"sudoku"}
+    assert len(sub.train) == 2 * TRAIN_STEPS  # log steps have no error type: all kept
+    final = train_final(sub)
+    assert list(zip(final.task, final.method, strict=True)) == [("sudoku", "eift")]
+    assert len(fig_learning_curves(sub).get_axes()) == 1
+    assert select(run, method="grpo").train.empty
+    assert len(run.train) == 2 * len(TRAIN_PROBES) * TRAIN_STEPS  # the run itself unchanged
+
+
+def test_report_documents_insec_format_and_protocol(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("harvest",))
+    text = open(write_report(root)).read()
+    assert "## Definitions" in text and INSEC_PROTOCOL_TEXT in text
+    assert "`</mistake>`" in INSEC_PROTOCOL_TEXT and "unmarked" in INSEC_PROTOCOL_TEXT
+    assert "no opening `<mistake>` marker" in INSEC_PROTOCOL_TEXT
