@@ -99,7 +99,9 @@ def main() -> None:
     base = None
     if not args.from_scratch:
         steps = t.base_steps_by_task.get(args.task, t.base_steps)
-        base = os.path.join(args.cache, f"base-{args.task}-{steps}-{t.base_lr}-seed{cfg.seed}")
+        base = os.path.join(
+            args.cache, f"base-{args.task}-{cfg.model.preset}-{steps}-{t.base_lr}-seed{cfg.seed}"
+        )
         if not os.path.isdir(base):
             bcfg = dataclasses.replace(
                 cfg,

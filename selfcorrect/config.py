@@ -133,6 +133,12 @@ class TrainConfig:
     max_failures: int = _f(2, "worker failures to survive by restoring the last checkpoint")
     injection_rate: float = _f(0.2, "fraction of traces with injected errors (eift, hybrid)")
     max_errors: int = _f(4, "errors per injected trace are uniform over 1..max_errors")
+    error_placement: str = _f(
+        "trace",
+        "eift/hybrid: trace = injection_rate of the traces carry 1..max_errors errors (DESIGN 3); "
+        "step = each step is an error with probability injection_rate, independently (no "
+        "trace-level prior for the model to learn instead of checking the step)",
+    )
     onpolicy_fraction: float = _f(0.2, "hybrid: fraction of injected errors that are on-policy")
     p_mistake: float = _f(0.15, "insec: per-step mistake probability")
     mistake_loss: str = _f("mask", "insec: mask | unlikelihood")
@@ -200,6 +206,11 @@ class TrainConfig:
         _check(0 <= self.onpolicy_fraction <= 1, "train.onpolicy_fraction", "must be in [0, 1]")
         _check(0 <= self.p_mistake <= 1, "train.p_mistake", "must be in [0, 1]")
         _check(self.max_errors >= 1, "train.max_errors", "must be >= 1")
+        _check(
+            self.error_placement in ("trace", "step"),
+            "train.error_placement",
+            f"unknown value {self.error_placement!r}; choose trace or step",
+        )
         _check(self.bf16 in (True, False, "auto"), "train.bf16", "choose true, false or auto")
         _check(
             self.mistake_loss in ("mask", "unlikelihood"),

@@ -111,6 +111,44 @@ def _finish_golden(b: _Builder, task: Task, problem: Problem, state: Any) -> Non
     b.line(task.answer_line(problem), Span.GOLDEN)
 
 
+def _injectable(task: Task, problem: Problem, type_weights: dict[str, float] | None) -> list[int]:
+    """Golden step positions where some allowed error type applies (the eval's positions)."""
+    state, ok = task.initial_state(problem), []
+    for i, step in enumerate(task.golden_steps(problem)):
+        if applicable_weights(task, state, type_weights):
+            ok.append(i)
+        state = task.apply_step(state, step)
+    return ok
+
+
+def _with_errors(
+    task: Task,
+    problem: Problem,
+    positions: set[int],
+    rng: np.random.Generator,
+    type_weights: dict[str, float] | None,
+) -> Example:
+    """The golden trace with a synthetic error at each of ``positions``: wrong, recognition,
+    correct."""
+    b = _Builder()
+    b.line(task.prompt(problem), Span.PROMPT)
+    state = task.initial_state(problem)
+    types, where = [], []
+    for i, step in enumerate(task.golden_steps(problem)):
+        if i in positions:
+            wrong, etype = sample_error(task, state, rng, type_weights)
+            b.line(wrong, Span.WRONG)
+            b.recognition(RECOGNITION_LINE)
+            b.line(step, Span.CORRECTION)
+            types.append(etype)
+            where.append(i)
+        else:
+            b.line(step, Span.GOLDEN)
+        state = task.apply_step(state, step)
+    b.line(task.answer_line(problem), Span.GOLDEN)
+    return b.build("synthetic" if types else "clean", types, where)
+
+
 def eift_example(
     task: Task,
     problem: Problem,
@@ -125,34 +163,32 @@ def eift_example(
     eval's synthetic items use the same positions), so restrictive ``type_weights``
     never fail; a trace with no such step stays clean.
     """
-    steps = task.golden_steps(problem)
-    state = task.initial_state(problem)
-    ok = []
-    for i, step in enumerate(steps):
-        if applicable_weights(task, state, type_weights):
-            ok.append(i)
-        state = task.apply_step(state, step)
+    ok = _injectable(task, problem, type_weights)
     if not ok:
         return clean_example(task, problem)
     k = int(rng.integers(1, min(max_errors, len(ok)) + 1))
     positions = {ok[j] for j in rng.choice(len(ok), size=k, replace=False).tolist()}
-    b = _Builder()
-    b.line(task.prompt(problem), Span.PROMPT)
-    state = task.initial_state(problem)
-    types, where = [], []
-    for i, step in enumerate(steps):
-        if i in positions:
-            wrong, etype = sample_error(task, state, rng, type_weights)
-            b.line(wrong, Span.WRONG)
-            b.recognition(RECOGNITION_LINE)
-            b.line(step, Span.CORRECTION)
-            types.append(etype)
-            where.append(i)
-        else:
-            b.line(step, Span.GOLDEN)
-        state = task.apply_step(state, step)
-    b.line(task.answer_line(problem), Span.GOLDEN)
-    return b.build("synthetic", types, where)
+    return _with_errors(task, problem, positions, rng, type_weights)
+
+
+def step_error_example(
+    task: Task,
+    problem: Problem,
+    rng: np.random.Generator,
+    rate: float,
+    type_weights: dict[str, float] | None = None,
+) -> Example:
+    """``error_placement: step``: every step where an allowed type applies is, independently,
+    a synthetic error with probability ``rate``.
+
+    Why: with whole traces injected (1..max_errors errors in a share of traces), whether a
+    step is wrong depends on the rest of the trace (errors come in clusters; a clean prefix
+    makes an error less likely), and a model learns that trace-level prior instead of
+    checking the step. Independent steps leave only the step itself to decide on, as at a
+    model's own error or an eval item (a clean prefix, then one error).
+    """
+    positions = {i for i in _injectable(task, problem, type_weights) if rng.random() < rate}
+    return _with_errors(task, problem, positions, rng, type_weights)
 
 
 def onpolicy_example(
@@ -235,13 +271,12 @@ def departure(wrong: str, correct: list[str]) -> int:
     return min(best, len(line) - 1)
 
 
-def onpolicy_trace_probability(fraction: float, max_errors: int, n_steps: int) -> float:
+def onpolicy_trace_probability(fraction: float, mean_errors: float) -> float:
     """Per-trace probability of an on-policy trace so that ``fraction`` of all injected *errors*
-    are on-policy (an on-policy trace carries one error, a synthetic one E[k] errors)."""
+    are on-policy (an on-policy trace carries one error, a synthetic one ``mean_errors``)."""
     if fraction <= 0:
         return 0.0
-    mean_k = (1 + min(max_errors, n_steps)) / 2
-    return fraction * mean_k / (1 - fraction + fraction * mean_k)
+    return fraction * mean_errors / (1 - fraction + fraction * mean_errors)
 
 
 def build_example(
@@ -256,26 +291,37 @@ def build_example(
     p_mistake: float = 0.15,
     onpolicy: list[dict[str, Any]] | None = None,
     onpolicy_fraction: float = 0.2,
+    error_placement: str = "trace",
 ) -> Example:
     """The per-method mixture: ``ft`` clean only; ``eift`` clean + synthetic at
     ``injection_rate``; ``hybrid`` like eift with ``onpolicy_fraction`` of errors
-    drawn from ``onpolicy`` records; ``insec`` per-step marked mistakes."""
+    drawn from ``onpolicy`` records; ``insec`` per-step marked mistakes.
+
+    ``error_placement``: ``trace`` (DESIGN 3: ``injection_rate`` of the traces carry
+    1..max_errors errors) or ``step`` (each step is an error with probability
+    ``injection_rate``; ``step_error_example``)."""
     if method == "ft":
         return clean_example(task, problem)
     if method == "insec":
         return insec_example(task, problem, rng, p_mistake, type_weights)
     if method not in ("eift", "hybrid"):
         raise ValueError(f"unknown method {method!r}; choose ft, eift, hybrid or insec")
-    if rng.random() >= injection_rate:
+    if error_placement not in ("trace", "step"):
+        raise ValueError(f"error_placement={error_placement!r}; choose trace or step")
+    per_step = error_placement == "step"
+    if not per_step and rng.random() >= injection_rate:
         return clean_example(task, problem)
     if method == "hybrid":
         if not onpolicy:
             raise ValueError("hybrid needs on-policy errors: run harvest on the train split first")
         n_steps = len(task.golden_steps(problem))
-        if rng.random() < onpolicy_trace_probability(onpolicy_fraction, max_errors, n_steps):
+        mean_errors = injection_rate * n_steps if per_step else (1 + min(max_errors, n_steps)) / 2
+        if rng.random() < onpolicy_trace_probability(onpolicy_fraction, mean_errors):
             rec = onpolicy[int(rng.integers(len(onpolicy)))]
             own = task.parse_prompt(rec["prompt"])
             return onpolicy_example(
                 task, own, list(rec["prefix_steps"]), rec["wrong_step"], rec["error_type"]
             )
+    if per_step:
+        return step_error_example(task, problem, rng, injection_rate, type_weights)
     return eift_example(task, problem, rng, max_errors, type_weights)

@@ -147,6 +147,7 @@ class ExampleStream:
             p_mistake=t.p_mistake,
             onpolicy=self.onpolicy,
             onpolicy_fraction=t.onpolicy_fraction,
+            error_placement=t.error_placement,
         )
         return encode_example(self.tok, ex, self.weights, self.cfg.model.max_length)
 

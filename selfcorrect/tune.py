@@ -312,6 +312,7 @@ def validation_examples(
                 injection_rate=params.injection_rate,
                 max_errors=params.max_errors,
                 type_weights=cfg.error_weights(task.name),
+                error_placement=cfg.train.error_placement,
             )
         )
     return out
@@ -335,6 +336,7 @@ def validation_loss(
     from selfcorrect.loss import LossWeights, collate, encode_example, weighted_lm_loss
 
     weights = LossWeights(w_recognition=params.w_recognition, w_correction=params.w_correction)
+    # (w_decision stays 1 here: the validation loss is comparable across trials and presets)
     encoded = [encode_example(tokenizer, ex, weights, max_length) for ex in examples]
     total, weight = 0.0, 0.0
     device = next(model.parameters()).device

@@ -217,9 +217,49 @@ def test_injection_rate_and_hybrid_onpolicy_fraction():
     assert abs(injected / n - 0.3) < 0.03
     frac = errors["onpolicy"] / (errors["onpolicy"] + errors["synthetic"])
     assert abs(frac - 0.2) < 0.03, frac
-    assert 0 < onpolicy_trace_probability(0.2, 4, 5) < 1
+    assert 0 < onpolicy_trace_probability(0.2, 2.5) < 1
     with pytest.raises(ValueError, match="harvest"):
         build_example("hybrid", task, problems[0], np.random.default_rng(0), injection_rate=1.0)
+    # error_placement=step: still 20% of errors on-policy, each step wrong at the rate
+    errors = {"synthetic": 0, "onpolicy": 0}
+    for i in range(n):
+        ex = build_example(
+            "hybrid",
+            task,
+            problems[i % 50],
+            rng,
+            injection_rate=0.2,
+            onpolicy=recs,
+            error_placement="step",
+        )
+        if ex.source != "clean":
+            errors[ex.source] += len(ex.error_types)
+    frac = errors["onpolicy"] / (errors["onpolicy"] + errors["synthetic"])
+    assert abs(frac - 0.2) < 0.03, frac
+
+
+def test_step_placement_makes_each_step_an_independent_error():
+    """error_placement=step: every step is wrong with the rate, whatever the other steps are
+    (no trace-level prior for a model to learn instead of checking the step)."""
+    task = Multiplication(2, 2)
+    rng = np.random.default_rng(0)
+    p = task.parse_prompt("56*78")  # 3 steps, every type applies at every step
+    n, rate = 6000, 0.3
+    wrong = np.zeros((n, 3), dtype=bool)
+    for i in range(n):
+        ex = build_example("eift", task, p, rng, injection_rate=rate, error_placement="step")
+        wrong[i, ex.error_steps] = True
+    assert np.allclose(wrong.mean(0), rate, atol=0.03)
+    # independence: P(step 2 wrong | steps 0, 1 clean) == P(step 2 wrong | step 0 wrong)
+    clean_prefix = wrong[~wrong[:, 0] & ~wrong[:, 1], 2].mean()
+    after_error = wrong[wrong[:, 0], 2].mean()
+    assert abs(clean_prefix - after_error) < 0.05
+    # ... while whole-trace placement ties them together (the prior the step mode removes)
+    wrong[:] = False
+    for i in range(n):
+        ex = build_example("eift", task, p, rng, injection_rate=rate, error_placement="trace")
+        wrong[i, ex.error_steps] = True
+    assert wrong[wrong[:, 0], 2].mean() - wrong[~wrong[:, 0] & ~wrong[:, 1], 2].mean() > 0.3
 
 
 def test_loss_normalised_by_global_weight_not_per_microbatch():
