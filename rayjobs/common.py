@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -14,6 +15,32 @@ from typing import Any
 
 from selfcorrect import io, runlock
 from selfcorrect.config import Config, ConfigError, describe, dump_config, load_config
+
+# Bad input a user fixes (a config key or value, a missing or corrupt input file, a missing
+# model directory): one line naming the problem and the fix, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, io.CorruptFileError)
+
+
+def job_main(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a job's ``main(argv)`` so bad input ends it with one line and exit code 2.
+
+    Everything else (a bug, a failed Ray job) still raises with its traceback;
+    ``SELFCORRECT_TRACEBACK=1`` shows the traceback of bad input too.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(argv: list[str] | None = None) -> Any:
+        try:
+            return fn(argv)
+        except USER_ERRORS as e:
+            if os.environ.get("SELFCORRECT_TRACEBACK"):
+                raise
+            msg = " ".join(str(e).split()) or type(e).__name__
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper
+
 
 MANIFEST = "manifest.json"
 

@@ -17,7 +17,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from rayjobs.common import (
+    JobContext,
+    init_ray,
+    job_main,
+    parse_args,
+    run_stage,
+    save_resolved_config,
+)
 from selfcorrect import io
 from selfcorrect.config import Config
 from selfcorrect.coverage import coverage_batch, coverage_schema, summarize_coverage
@@ -132,6 +139,7 @@ def _file_stamp(path: str) -> str:
     return hashlib.sha256(io.read_bytes(path)).hexdigest()[:16]
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
     save_resolved_config(ctx)

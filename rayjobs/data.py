@@ -5,7 +5,7 @@ python -m rayjobs.data --config configs/tiny.yaml --output-dir runs/tiny
 
 from __future__ import annotations
 
-from rayjobs.common import JobContext, parse_args, run_stage, save_resolved_config
+from rayjobs.common import JobContext, job_main, parse_args, run_stage, save_resolved_config
 from selfcorrect import io
 from selfcorrect.data import make_splits
 from selfcorrect.tasks import get_task
@@ -32,6 +32,7 @@ def run(ctx: JobContext) -> None:
         run_stage(ctx, f"{name}/data", data_hash(ctx, name), build)
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
     save_resolved_config(ctx)

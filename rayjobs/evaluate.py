@@ -26,7 +26,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from rayjobs.common import (
+    JobContext,
+    init_ray,
+    job_main,
+    parse_args,
+    run_stage,
+    save_resolved_config,
+)
 from selfcorrect import io
 from selfcorrect.config import Config
 from selfcorrect.data import DATA_COLUMNS
@@ -332,13 +339,11 @@ def write_run_summary(ctx: JobContext) -> str:
         return path
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
     save_resolved_config(ctx)
-    try:
-        paths = run(ctx)
-    except (FileNotFoundError, io.CorruptFileError) as e:
-        raise SystemExit(f"eval error: {e}") from e
+    paths = run(ctx)
     print(f"eval written: {', '.join(paths)} and <task>/eval/<model>.parquet")
 
 

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from rayjobs.common import (
+    JobContext,
+    init_ray,
+    job_main,
+    parse_args,
+    run_stage,
+    save_resolved_config,
+)
 from rayjobs.train import _ray_storage, publish_final
 from selfcorrect import io
 from selfcorrect.config import Config
@@ -103,6 +110,7 @@ def run(ctx: JobContext) -> None:
         run_stage(ctx, f"{name}/grpo", grpo_hash(cfg, name), build)
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
     save_resolved_config(ctx)

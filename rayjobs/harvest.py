@@ -19,7 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from rayjobs.common import (
+    JobContext,
+    init_ray,
+    job_main,
+    parse_args,
+    run_stage,
+    save_resolved_config,
+)
 from selfcorrect import io
 from selfcorrect.config import Config
 from selfcorrect.data import DATA_COLUMNS
@@ -163,6 +170,7 @@ def run(ctx: JobContext) -> None:
             )
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
     save_resolved_config(ctx)

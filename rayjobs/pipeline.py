@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from rayjobs.common import (
     JobContext,
     init_ray,
+    job_main,
     parse_args,
     read_manifest,
     save_resolved_config,
@@ -227,6 +228,7 @@ def summary(ctx: JobContext, timings: dict[str, float]) -> str:
     return f"pipeline finished in {total:.0f}s ({parts})\nreport: {where}"
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx, steps = parse(argv)
     timings = run(ctx, steps)

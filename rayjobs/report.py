@@ -10,7 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 
-from rayjobs.common import JobContext, hold_output_dir, parse_args, read_manifest, run_stage
+from rayjobs.common import (
+    JobContext,
+    hold_output_dir,
+    job_main,
+    parse_args,
+    read_manifest,
+    run_stage,
+)
 from selfcorrect import io
 from selfcorrect.report import write_report
 
@@ -37,10 +44,11 @@ def run(ctx: JobContext) -> str:
     return io.join(ctx.output_dir, "report.md")
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv, lock=False)  # locked once it is known to exist
     if not io.exists(ctx.output_dir):
-        raise SystemExit(
+        raise FileNotFoundError(
             f"{ctx.output_dir} does not exist; pass --output-dir of a run "
             "(python -m rayjobs.pipeline writes one)"
         )

@@ -27,7 +27,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from rayjobs.common import (
+    JobContext,
+    init_ray,
+    job_main,
+    parse_args,
+    run_stage,
+    save_resolved_config,
+)
 from selfcorrect import io
 from selfcorrect.config import Config, ConfigError, config_from_dict
 
@@ -398,6 +405,7 @@ def run(ctx: JobContext) -> None:
             run_stage(ctx, f"{name}/{method}", train_hash(cfg, name, method, digest), build)
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
     save_resolved_config(ctx)

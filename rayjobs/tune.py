@@ -35,9 +35,16 @@ from typing import Any
 
 import pandas as pd
 
-from rayjobs.common import JobContext, init_ray, parse_args, run_stage, save_resolved_config
+from rayjobs.common import (
+    JobContext,
+    init_ray,
+    job_main,
+    parse_args,
+    run_stage,
+    save_resolved_config,
+)
 from selfcorrect import io
-from selfcorrect.config import Config, ConfigError, config_from_dict
+from selfcorrect.config import Config, config_from_dict
 from selfcorrect.tune import (
     DRIVER_RESOURCES,
     PLOT_METRICS,
@@ -374,12 +381,10 @@ def run(ctx: JobContext) -> list[str]:
     return written
 
 
+@job_main
 def main(argv: list[str] | None = None) -> None:
     ctx = parse_args(__doc__, argv)
-    try:
-        check_space(ctx.cfg)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from e
+    check_space(ctx.cfg)
     save_resolved_config(ctx)
     paths = run(ctx)
     print(f"tune written: {', '.join(paths) or 'nothing'} (+ <metric>-vs-injection-rate.png)")

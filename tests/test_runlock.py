@@ -149,11 +149,13 @@ def test_object_store_gets_no_lock_and_says_so(capsys):
     assert "do not start a second driver" in printed
 
 
-def test_report_job_still_refuses_a_missing_dir_without_making_it(tmp_path):
+def test_report_job_still_refuses_a_missing_dir_without_making_it(tmp_path, capsys):
     from rayjobs import report
 
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit) as exc:
         report.main(["--output-dir", str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
 
 
