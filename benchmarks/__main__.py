@@ -346,7 +346,7 @@ def md_coverage(r: dict[str, Any]) -> list[str]:
 
 def md_pipeline(r: dict[str, Any]) -> list[str]:
     if not r.get("found"):
-        where = f" (looked in `{r['run_dir']}`)" if r.get("run_dir") else ""
+        where = " (no manifest.json in the `--tiny-run` directory)" if r.get("run_dir") else ""
         return [
             f"Not measured in this run{where}: the `tiny` pipeline takes ~30 min, so the runner "
             "reads an existing run's `manifest.json`. Produce one with "
@@ -359,7 +359,7 @@ def md_pipeline(r: dict[str, Any]) -> list[str]:
         else "unfinished"
     )
     lines = [
-        f"Read from `{r['run_dir']}/manifest.json` (pipeline finished {when}; not rerun by "
+        f"Read from the `tiny` run's `manifest.json` (pipeline finished {when}; not rerun by "
         "this command, so the machine load of that run applies, not the one above).",
         "",
     ]

@@ -42,9 +42,7 @@ def test_a_misspelled_key_exits_2_with_one_line(job, tmp_path, capsys):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("job", sorted(NEEDS_INPUT))
-def test_a_missing_input_exits_2_with_one_line_naming_the_stage(
-    job, tmp_path, capsys, ray_session
-):
+def test_a_missing_input_exits_2_with_one_line_naming_the_stage(job, tmp_path, capsys, ray_session):
     argv = ["--config", SMOKE, "--output-dir", str(tmp_path / "run")]
     err = _one_line_exit_2(capsys, job, argv)
     assert "rayjobs." in err or "run the" in err or NEEDS_INPUT[job] in err, err

@@ -458,9 +458,13 @@ def test_gap_table_and_headline(tmp_path):
     cell = table[(table.task == "sudoku") & (table.method == "eift")]["synthetic − own"].iloc[0]
     assert cell.startswith(f"{x['diff']:.2f} [{x['diff_lo']:.2f}, {x['diff_hi']:.2f}]")
     assert x["method"] == "newcombe_mover_cluster_bootstrap"
-    # One headline sentence per task x method trained on error traces (eift, hybrid; not ft).
+    # The premise first (one line per task), then one sentence per task x method trained on
+    # error traces (eift, hybrid; not ft).
     lines = headline(run)
-    assert len(lines) == 2 * 2
+    assert len(lines) == 2 + 2 * 2
+    premise_lines = [line for line in lines if line.startswith("- Premise on ")]
+    assert len(premise_lines) == 2 and lines[:2] == premise_lines
+    lines = lines[2:]
     assert not any(line.startswith("- FT ") for line in lines)
     eift_sudoku = next(line for line in lines if "EIFT" in line and "on sudoku" in line)
     s = run.summary
@@ -482,6 +486,31 @@ def test_gap_table_and_headline(tmp_path):
     # Figure 6 and the rates table have the matched condition.
     assert "recog matched synthetic" in figure6_table(run).columns
     assert "| matched synthetic |" in text
+
+
+def test_premise_line_says_whether_eift_meets_the_bar(tmp_path):
+    """80% of synthetic errors recognised with at most 5% of clean problems flagged."""
+    from selfcorrect.report import premise
+
+    root = make_synthetic_run(str(tmp_path / "run"))
+    run = load_run(root)
+    s = run.summary
+    base = (s.model == "eift") & (s.temperature == 0) & (s.error_type == "all")
+    syn = base & (s.condition == "synthetic")
+    clean = run.evals[
+        (run.evals.model == "eift")
+        & (run.evals.condition == "clean")
+        & (run.evals.temperature == 0)
+    ]
+    for rec, alarms, verdict in ((0.85, False, "holds"), (0.85, True, "does **not** hold")):
+        s.loc[syn, "recognition_rate"] = rec
+        run.evals.loc[clean.index, "false_alarm"] = alarms
+        lines = premise(run)
+        assert len(lines) == 2 and all(verdict in line for line in lines), lines
+        assert "85% of synthetic errors" in lines[0]
+    s.loc[syn, "recognition_rate"] = 0.5
+    run.evals.loc[clean.index, "false_alarm"] = False
+    assert all("does **not** hold" in line for line in premise(run))
 
 
 def test_gaps_without_eval_gaps_parquet_and_for_a_slice(tmp_path):
