@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pyarrow as pa
 import pytest
@@ -314,8 +315,11 @@ def test_data_job_skips_when_done_and_refuses_other_experiment(tmp_path, capsys)
     assert os.path.getmtime(os.path.join(out, "sudoku/data/train.parquet")) == before
     before_bytes = _snapshot(tmp_path / "run")
     for other in (["seed=5"], ["tasks=[sudoku]"], ["data.n_train=7"], ["sudoku.min_empty=5"]):
-        with pytest.raises(ConfigError, match="different experiment.*--overwrite"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:  # one line, exit 2 (rayjobs.common.job_main)
             data.main(args + other)
+        assert exc.value.code == 2
+        assert re.search("different experiment.*--overwrite", capsys.readouterr().err)
         # refused before anything was written: config, manifest and data are byte-identical
         assert _snapshot(tmp_path / "run") == before_bytes, other
     data.main(args + ["seed=5", "--overwrite"])
