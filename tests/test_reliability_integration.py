@@ -50,6 +50,9 @@ NARROW = [
     "harvest.max_problems=16",
     "harvest.batch_size=16",
     "harvest.max_new_tokens=64",
+    # An 8-step model writes no complete line greedily (and a cut line is no error): sampling
+    # gives harvest errors to compare, seeded per problem, so reruns still match exactly.
+    "harvest.temperature=1.0",
     "eval.models=[ft]",
     "eval.temperatures=[0.0,1.0]",
     "eval.max_problems=8",
