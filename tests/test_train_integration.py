@@ -38,7 +38,16 @@ def test_ft_and_eift_train_under_zero2_with_two_workers(ray_session, smoke_cfg, 
     from selfcorrect.generation import generate
     from selfcorrect.models import build_model, load_model
 
-    cfg = _cfg(smoke_cfg, methods=["ft", "eift"], zero_stage=2, max_steps=14, checkpoint_every=7)
+    # A 10-step base and lr 3e-3 (smoke: 30 steps, fine-tunes at 1e-3): 14 steps must visibly learn
+    cfg = _cfg(
+        smoke_cfg,
+        methods=["ft", "eift"],
+        zero_stage=2,
+        max_steps=14,
+        checkpoint_every=7,
+        lr=3e-3,
+        base_steps=10,
+    )
     ctx = JobContext(cfg, run_dir)
     train.run(ctx)
     init, _ = build_model(cfg.model.preset, cfg.model.max_length, seed=cfg.seed)
