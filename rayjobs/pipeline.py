@@ -25,6 +25,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rayjobs import tracking
 from rayjobs.common import (
     JobContext,
     init_ray,
@@ -137,6 +138,7 @@ def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
     steps = list(STEPS if steps is None else steps)
     modules = {s.name: load_stage(s) for s in steps}  # fail before any work on a missing module
     save_resolved_config(ctx)
+    tracking.start(ctx)  # the MLflow parent run (rayjobs.tracking); never fails the run
     if any(s.needs_ray and s.narrow(ctx.cfg) is not None for s in steps):
         init_ray(ctx.cfg)
     t_start = time.time()
@@ -161,6 +163,7 @@ def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
         manifest["pipeline"] = {"steps": timings, "total_seconds": total, "finished": time.time()}
 
     update_manifest(ctx, record)
+    tracking.finish(ctx)
     return timings
 
 
@@ -214,6 +217,7 @@ def _run_steps(
         print(f"{head}: start ({time.time() - t_start:.0f}s elapsed)", flush=True)
         t0 = time.time()
         modules[step.name].run(JobContext(narrowed, ctx.output_dir, ctx.overwrite))
+        tracking.sync(JobContext(narrowed, ctx.output_dir), narrowed.tasks)
         timings[step.name] = round(time.time() - t0, 2)
         print(f"{head}: done in {timings[step.name]:.1f}s", flush=True)
     return timings

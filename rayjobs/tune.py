@@ -35,6 +35,7 @@ from typing import Any
 
 import pandas as pd
 
+from rayjobs import tracking
 from rayjobs.common import (
     JobContext,
     init_ray,
@@ -302,6 +303,8 @@ def make_tuner(cfg: Config, task: str, output_dir: str, resources: dict[str, flo
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
             verbose=1,
+            # Each trial an MLflow run under the <task>/tune run (rayjobs.tracking).
+            callbacks=tracking.tune_callbacks(cfg, output_dir, task, sweep_hash(cfg, task)) or [],
         ),
     )
 

@@ -412,6 +412,40 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    backend: str = _f(
+        "mlflow",
+        "experiment tracking: mlflow (a SQLite store under <output-dir>/mlruns/, or "
+        "tracking.uri) | none",
+    )
+    uri: str | None = _f(
+        None,
+        "MLflow tracking URI, e.g. http://mlflow.internal:5000 for a cluster's server "
+        "(None = the embedded store in the run directory)",
+    )
+    experiment: str | None = _f(
+        None, "MLflow experiment name (None = '<name>: <output dir>', one per run directory)"
+    )
+
+    def validate(self) -> None:
+        _check(
+            self.backend in ("mlflow", "none"),
+            "tracking.backend",
+            f"unknown value {self.backend!r}; choose mlflow or none",
+        )
+        _check(
+            self.uri is None or bool(self.uri.strip()),
+            "tracking.uri",
+            "must be a tracking URI (http://host:5000, sqlite:///path.db) or null",
+        )
+        _check(
+            self.experiment is None or bool(self.experiment.strip()),
+            "tracking.experiment",
+            "must be a non-empty name or null",
+        )
+
+
+@dataclass
 class Config:
     name: str = _f("run", "run name (shown in the report)")
     seed: int = _f(0, "master seed: same seed, same data, errors and metrics")
@@ -427,6 +461,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         for t in self.tasks:
