@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from selfcorrect import io, runlock
+from selfcorrect import console, io, runlock
 from selfcorrect.config import Config, ConfigError, describe, dump_config, load_config
 
 # Bad input a user fixes (a config key or value, a missing or corrupt input file, a missing
@@ -38,6 +38,8 @@ def job_main(fn: Callable[..., Any]) -> Callable[..., Any]:
             msg = " ".join(str(e).split()) or type(e).__name__
             print(f"error: {msg}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        finally:
+            console.reset()  # a job run in-process (tests, notebooks) leaves no routing behind
 
     return wrapper
 
@@ -67,6 +69,11 @@ def parse_args(description: str, argv: list[str] | None = None, *, lock: bool = 
         "--overwrite", action="store_true", help="replace results of a different config"
     )
     ap.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    ap.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream Ray's and the workers' output to the terminal (default: <output-dir>/logs/)",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     args = ap.parse_args(argv)
     if args.help_config:
@@ -83,6 +90,7 @@ def parse_args(description: str, argv: list[str] | None = None, *, lock: bool = 
     ctx = JobContext(cfg, out, args.overwrite)
     if lock:
         hold_output_dir(ctx)
+    console.configure(out, verbose=args.verbose)
     return ctx
 
 
@@ -105,13 +113,15 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = (
-        {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
-        if os.environ.get("DS_ACCELERATOR")
-        else None
-    )
+    # Every process of the job silences Ray's known-harmless warnings where they are logged.
+    env: dict[str, Any] = {"worker_process_setup_hook": console.quiet_worker_logging}
+    if os.environ.get("DS_ACCELERATOR"):
+        env["env_vars"] = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}
+    # Quiet (a job's default): the workers write to the stage logs, not through the driver.
+    to_driver = not console.quiet()
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=to_driver)
+        console.note_ray_session()
         return
     # An embedded instance is one machine that nobody preempts: Ray Train's preemption
     # watcher and 2 s health-check poll only add ~4 s to each of the ~20 training runs of
@@ -124,8 +134,9 @@ def init_ray(cfg: Config) -> None:
                 num_cpus=cfg.ray.num_cpus,
                 runtime_env=env,
                 include_dashboard=False,
-                log_to_driver=True,
+                log_to_driver=to_driver,
             )
+            console.note_ray_session()
             return
         except Exception as e:
             # Ray gives a new raylet a fixed 30 s to register; a busy machine can miss that.
@@ -227,9 +238,10 @@ def run_stage(
     Returns True if it ran.
     """
     if stage_done(ctx, key, config_hash):
-        print(f"[skip] {key}: outputs exist for this config")
+        console.note(f"[skip] {key}: outputs exist for this config")
         return False
-    with stage(ctx, key, config_hash) as rec:
+    # Quiet mode: the stage's output (and its workers') goes to logs/<key>.log, with a bar.
+    with console.stage_scope(key), stage(ctx, key, config_hash) as rec:
         fn(rec)
     return True
 

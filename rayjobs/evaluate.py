@@ -34,7 +34,7 @@ from rayjobs.common import (
     run_stage,
     save_resolved_config,
 )
-from selfcorrect import io
+from selfcorrect import console, io
 from selfcorrect.config import Config
 from selfcorrect.data import DATA_COLUMNS
 from selfcorrect.evaluate import (
@@ -158,6 +158,7 @@ def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]
         for i, r in enumerate(rows)
     ]
     n_blocks = max(1, min(math.ceil(len(feed) / ev.batch_size), 4 * ev.num_actors))
+    console.add_total(len(feed))  # the stage's progress bar counts generated rows
     ds = map_generate(
         ray.data.from_items(feed, override_num_blocks=n_blocks),
         os.path.abspath(model_path) if not io.is_uri(model_path) else model_path,

@@ -51,6 +51,7 @@ def train_grpo(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from selfcorrect import console
     from selfcorrect.grpo import train_loop_per_worker
     from selfcorrect.models import ModelPathError
 
@@ -75,6 +76,7 @@ def train_grpo(
             "init_model_path": str(init_model_path),
             "train_prompts": train_tab.column("prompt").to_pylist(),
             "eval_prompts": test_tab.column("prompt").to_pylist()[: cfg.grpo.eval_problems],
+            "console": console.worker_spec(),  # quiet mode: where workers log and report
         },
         scaling_config=ScalingConfig(
             num_workers=grpo_world_size(cfg), use_gpu=t.use_gpu, resources_per_worker=resources

@@ -27,7 +27,7 @@ from rayjobs.common import (
     run_stage,
     save_resolved_config,
 )
-from selfcorrect import io
+from selfcorrect import console, io
 from selfcorrect.config import Config
 from selfcorrect.data import DATA_COLUMNS
 from selfcorrect.generation import map_generate
@@ -91,6 +91,7 @@ def harvest(
         seed=cfg.seed,
     )
     t0 = time.time()
+    console.add_total(requests.num_rows)  # the stage's progress bar counts generated rows
     # One block per generation batch, so every actor of the pool gets work.
     bs = hc.batch_size
     blocks = [requests.slice(i, bs) for i in range(0, requests.num_rows, bs)]

@@ -35,7 +35,7 @@ from rayjobs.common import (
     save_resolved_config,
     update_manifest,
 )
-from selfcorrect import io
+from selfcorrect import console, io
 from selfcorrect.config import Config
 
 
@@ -139,6 +139,8 @@ def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
     modules = {s.name: load_stage(s) for s in steps}  # fail before any work on a missing module
     save_resolved_config(ctx)
     tracking.start(ctx)  # the MLflow parent run (rayjobs.tracking); never fails the run
+    if console.quiet():
+        console.line(plan(ctx, steps))
     if any(s.needs_ray and s.narrow(ctx.cfg) is not None for s in steps):
         init_ray(ctx.cfg)
     t_start = time.time()
@@ -211,25 +213,78 @@ def _run_steps(
         i = STEP_NAMES.index(step.name) + 1
         head = f"[pipeline {i}/{len(STEP_NAMES)}] {step.name}" + (f" ({label})" if label else "")
         if narrowed is None:
-            print(f"{head}: nothing to do for this config", flush=True)
+            _say(f"{head}: nothing to do for this config")
             timings[step.name] = 0.0
             continue
-        print(f"{head}: start ({time.time() - t_start:.0f}s elapsed)", flush=True)
+        if not console.quiet():  # quiet: the running stages' progress bars say it
+            print(f"{head}: start ({time.time() - t_start:.0f}s elapsed)", flush=True)
         t0 = time.time()
-        modules[step.name].run(JobContext(narrowed, ctx.output_dir, ctx.overwrite))
-        tracking.sync(JobContext(narrowed, ctx.output_dir), narrowed.tasks)
+        console.set_scope(head)  # quiet: this line, not one per stage inside the step
+        try:
+            modules[step.name].run(JobContext(narrowed, ctx.output_dir, ctx.overwrite))
+            tracking.sync(JobContext(narrowed, ctx.output_dir), narrowed.tasks)
+        finally:
+            console.set_scope(None)
         timings[step.name] = round(time.time() - t0, 2)
-        print(f"{head}: done in {timings[step.name]:.1f}s", flush=True)
+        _say(f"{head}: done in {timings[step.name]:.1f}s ({time.time() - t_start:.0f}s elapsed)")
     return timings
 
 
+def _say(msg: str) -> None:
+    """A pipeline line: past the progress bars in quiet mode, plain print otherwise."""
+    if console.quiet():
+        console.line(msg)
+    else:
+        print(msg, flush=True)
+
+
+def plan(ctx: JobContext, steps: list[Step]) -> str:
+    """The stage plan, printed first in quiet mode: what runs, in which order, where logs go."""
+    cfg = ctx.cfg
+    todo = [s.name for s in steps if s.narrow(cfg) is not None]
+    par = cfg.ray.parallel_tasks and len(cfg.tasks) > 1
+    how = "in parallel" if par else "one after the other"
+    return (
+        f"[pipeline] {cfg.name}: {' -> '.join(todo)} for {', '.join(cfg.tasks)} ({how}); "
+        f"output {ctx.output_dir}; logs {console.log_dir()}/ (--verbose streams them here)"
+    )
+
+
 def summary(ctx: JobContext, timings: dict[str, float]) -> str:
-    """The closing lines: wall time per step and where the report is."""
+    """The closing lines: wall time per step, the headline numbers (report.md's "Headline"),
+    and where the report, the logs and the MLflow store are."""
     total = read_manifest(ctx).get("pipeline", {}).get("total_seconds", sum(timings.values()))
     parts = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
     report = io.join(ctx.output_dir, "report.md")
-    where = report if io.exists(report) else f"{ctx.output_dir} (no report.md: report step skipped)"
-    return f"pipeline finished in {total:.0f}s ({parts})\nreport: {where}"
+    has_report = io.exists(report)
+    where = report if has_report else f"{ctx.output_dir} (no report.md: report step skipped)"
+    lines = [f"pipeline finished in {total:.0f}s ({parts})"]
+    if has_report:
+        lines += headline_lines(io.read_bytes(report).decode())
+    lines.append(f"report: {where}")
+    if console.log_dir():
+        lines.append(f"logs: {console.log_dir()}/ (one file per stage; ray.log: Ray's own)")
+    mlruns = io.join(ctx.output_dir, "mlruns")
+    if io.exists(mlruns):
+        lines.append(f"MLflow: {mlruns} (mlflow ui --backend-store-uri <its store>)")
+    return "\n".join(lines)
+
+
+def headline_lines(report_md: str, limit: int = 10) -> list[str]:
+    """The bullet lines of report.md's "## Headline" section, markdown stripped, at most
+    ``limit`` (the closing summary's headline numbers)."""
+    out: list[str] = []
+    inside = False
+    for raw in report_md.splitlines():
+        if raw.startswith("## "):
+            if inside:
+                break
+            inside = raw.strip() == "## Headline"
+            continue
+        text = raw.strip()
+        if inside and text:
+            out.append(text.replace("**", "").replace("`", ""))
+    return out[:limit]
 
 
 @job_main

@@ -242,13 +242,15 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from selfcorrect import console
     from selfcorrect.training import train_loop_per_worker
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        # Quiet mode: where the workers log and report progress (None: stream as before).
+        train_loop_config={**loop_config, "console": console.worker_spec()},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),

@@ -44,7 +44,7 @@ from rayjobs.common import (
     run_stage,
     save_resolved_config,
 )
-from selfcorrect import io
+from selfcorrect import console, io
 from selfcorrect.config import Config, config_from_dict
 from selfcorrect.tune import (
     DRIVER_RESOURCES,
@@ -215,13 +215,23 @@ def evaluate_trial(
     return metrics
 
 
-def run_trial(config: dict[str, Any], cfg_dict: dict[str, Any], task: str, output_dir: str) -> None:
+def run_trial(
+    config: dict[str, Any],
+    cfg_dict: dict[str, Any],
+    task: str,
+    output_dir: str,
+    console_spec: dict[str, Any] | None = None,
+) -> None:
     """The Tune function trainable: train (Ray Train) and evaluate (Ray task) segment by
     segment, reporting the validation loss after each (ASHA's rungs), then remember the result.
+
+    console_spec: the tune stage's log and progress file (quiet mode; ``selfcorrect.console``).
     """
     import ray
     import ray.tune
 
+    console.attach_worker(console_spec)
+    progress = console.Progress(console_spec)
     cfg = config_from_dict(cfg_dict)
     params = trial_params(cfg, config)
     tdir = trial_dir(output_dir, task, params)
@@ -231,6 +241,7 @@ def run_trial(config: dict[str, Any], cfg_dict: dict[str, Any], task: str, outpu
         done = io.read_json(done_path)
         if done.get("trial_hash") == th:
             print(f"[tune] {task}/{params.name}: finished earlier, reporting its result")
+            progress.add(1)
             ray.tune.report(done["metrics"])
             return
     started_at = time.time()
@@ -259,6 +270,7 @@ def run_trial(config: dict[str, Any], cfg_dict: dict[str, Any], task: str, outpu
         )
         if last:
             io.write_json(done_path, {"trial_hash": th, "metrics": metrics})
+            progress.add(1)
         ray.tune.report(metrics)
 
 
@@ -279,7 +291,13 @@ def make_tuner(cfg: Config, task: str, output_dir: str, resources: dict[str, flo
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, cfg_dict=cfg.to_dict(), task=task, output_dir=output_dir),
+        tune.with_parameters(
+            run_trial,
+            cfg_dict=cfg.to_dict(),
+            task=task,
+            output_dir=output_dir,
+            console_spec=console.worker_spec(),  # quiet mode: trials log to the stage's log
+        ),
         DRIVER_RESOURCES,
     )
     storage, name = experiment_storage(output_dir, task), experiment_name(cfg, task)
@@ -302,7 +320,7 @@ def make_tuner(cfg: Config, task: str, output_dir: str, resources: dict[str, flo
             name=name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
-            verbose=1,
+            verbose=0 if console.quiet() else 1,  # quiet: our progress bar counts the trials
             # Each trial an MLflow run under the <task>/tune run (rayjobs.tracking).
             callbacks=tracking.tune_callbacks(cfg, output_dir, task, sweep_hash(cfg, task)) or [],
         ),
@@ -320,6 +338,7 @@ def sweep(cfg: Config, task: str, output_dir: str) -> pd.DataFrame:
             f"tune needs {test}; run the data stage first (python -m rayjobs.data)"
         )
     tuner = make_tuner(cfg, task, output_dir, ray.cluster_resources())
+    console.add_total(_trial_count(cfg))  # the stage's progress bar counts finished trials
     grid = tuner.fit()
     records = []
     for result in grid:
@@ -333,6 +352,18 @@ def sweep(cfg: Config, task: str, output_dir: str) -> pd.DataFrame:
             }
         )
     return results_table(task, records)
+
+
+def _trial_count(cfg: Config) -> int:
+    """How many trials the sweep runs (grid: every point times ``num_samples``)."""
+    from selfcorrect.tune import swept_lists
+
+    if cfg.tune.search != "grid":
+        return cfg.tune.num_samples
+    n = cfg.tune.num_samples
+    for values in swept_lists(cfg).values():
+        n *= len(values)
+    return n
 
 
 def _status(metrics: dict | None) -> str:

@@ -1,6 +1,6 @@
 """The one generation engine: batched, KV-cached, left-padded decoding used by harvest, eval and GRPO.
 
-Why our own loop over ``past_key_values`` instead of ``model.generate``:
+Why our own loop over a KV ``cache`` instead of ``model.generate``:
 
 * sampling must be reproducible *per row* from that row's seed, whatever else is
   in the batch (harvest and eval shard and re-batch rows freely through Ray
@@ -273,7 +273,7 @@ def _generate_batch(
                 input_ids=step_ids,
                 attention_mask=attn,
                 position_ids=step_pos,
-                past_key_values=cache,
+                cache=cache,  # transformers 5: `past_key_values` is deprecated
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -399,6 +399,10 @@ def map_generate(
         check_model_dir(model_path)
     if use_gpu is None:
         use_gpu = cluster_has_gpus()
+    from selfcorrect import console
+
+    spec = console.worker_spec()  # quiet mode: the actors log to the stage's log
+    extra = {"console": spec} if spec else {}
     return ds.map_batches(
         actor_cls or GenerationActor,
         batch_size=batch_size,
@@ -409,6 +413,7 @@ def map_generate(
             "batch_size": batch_size,
             "use_gpu": use_gpu,
             "torch_threads": None if use_gpu else max(1, int(cpus_per_actor)),
+            **extra,
         },
         **generation_ray_args(use_gpu, cpus_per_actor),
     )
@@ -428,8 +433,13 @@ class GenerationActor:
         batch_size: int = 64,
         use_gpu: bool = False,
         torch_threads: int | None = None,
+        console: dict[str, Any] | None = None,
     ) -> None:
+        from selfcorrect import console as _console
         from selfcorrect.models import load_model
+
+        _console.attach_worker(console)  # quiet mode: output to the stage's log
+        self.progress = _console.Progress(console)
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -461,6 +471,7 @@ class GenerationActor:
             )
             for i, t in zip(idx, texts, strict=True):
                 completions[i] = t
+        self.progress.add(len(prefixes))
         out = dict(batch)
         out["completion"] = completions
         return out

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from selfcorrect import console
 from selfcorrect.config import Config, ConfigError, config_from_dict
 from selfcorrect.generation import Rollout
 from selfcorrect.tasks import (
@@ -413,6 +414,9 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     t_start = time.time()
     last: dict[str, Any] = history[-1]
     step = start
+    progress = console.Progress(config.get("console") if rank == 0 else None)
+    progress.total(max_steps)
+    progress.done(start)
     for step in range(start + 1, max_steps + 1):
         t0 = time.time()
         rng = stream_rng(cfg.seed, task_name, "grpo", step)
@@ -523,6 +527,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
         if final or (g.eval_every and step % g.eval_every == 0):
             last.update(heldout())
         history.append(last)
+        progress.done(step)
         if rank == 0:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}
             print(f"[grpo] {task_name} step {step}/{max_steps} {shown}", flush=True)
@@ -556,6 +561,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, ...)``)."""
     from selfcorrect.training import RaySession
 
+    console.attach_worker(config.get("console"))  # quiet mode: output to the stage's log
     run_grpo(config, RaySession())
 
 

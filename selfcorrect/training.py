@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from selfcorrect import console
 from selfcorrect.config import Config, config_from_dict
 from selfcorrect.data import stream_rng
 from selfcorrect.loss import (
@@ -515,6 +516,9 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
 
     max_steps = int(config.get("max_steps") or t.max_steps)
     ckpt_every = t.checkpoint_every
+    progress = console.Progress(config.get("console") if rank == 0 else None)
+    progress.total(max_steps)
+    progress.done(start)
     probe = config.get("probe_items") or []
     probe_every = t.probe_every if probe and t.zero_stage < 3 else 0
 
@@ -550,6 +554,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         grad_norm = engine.step()
         acc.steps += 1
         done = step + 1
+        progress.done(done)
         out_of_time = bool(t.max_minutes) and (time.time() - t_start) / 60 >= t.max_minutes
         out_of_time = _all_max(float(out_of_time)) > 0  # every rank stops at the same step
         final = done == max_steps or out_of_time
@@ -693,6 +698,7 @@ def report_checkpoint(
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, ...)``)."""
+    console.attach_worker(config.get("console"))  # quiet mode: output to the stage's log
     run_training(config, RaySession())
 
 

@@ -24,6 +24,15 @@ def _release_run_locks():
     runlock.release_all()
 
 
+@pytest.fixture(autouse=True)
+def _reset_console():
+    """A test that parses a job's command line gets that job's quiet console: undo it."""
+    yield
+    from selfcorrect import console
+
+    console.reset()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray instance (2 CPUs), started once and shared by every integration test."""

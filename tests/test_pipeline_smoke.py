@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -40,14 +42,58 @@ SUMMARY_COLUMNS = [
 pytestmark = pytest.mark.integration
 
 
+# The README's main-job command may print at most this many lines (progress bars redraw in
+# place on a TTY and are absent here); Ray's and the workers' output goes to <out>/logs/.
+MAX_TERMINAL_LINES = 60
+
+
 @pytest.fixture(scope="module")
 def smoke(ray_session, tmp_path_factory):
+    """The README-style command as a user runs it (a subprocess, default quiet console),
+    connected to the session's Ray instance; its terminal output is in ``<out>.terminal``."""
     out = str(tmp_path_factory.mktemp("smoke") / "run")
     cfg = load_config(SMOKE)
+    env = dict(os.environ)
+    env.update(
+        RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+        DS_ACCELERATOR="cpu",
+        RAY_TRAIN_V2_ENABLED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
+    )
+    cmd = [sys.executable, "-m", "rayjobs.pipeline", "--config", SMOKE, "--output-dir", out]
     t0 = time.time()
-    timings = pipeline.run(JobContext(cfg, out))
+    proc = subprocess.run(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    with open(out + ".terminal", "w") as f:
+        f.write(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    timings = json.loads(open(os.path.join(out, "manifest.json")).read())["pipeline"]["steps"]
     print(f"smoke pipeline: {time.time() - t0:.0f}s {timings}")
     return out, cfg, timings
+
+
+def test_quiet_console_and_stage_logs(smoke):
+    """The terminal holds the plan, a line per finished step and the summary; each stage's
+    log holds its workers' output (a training loss line), Ray's driver log is in ray.log."""
+    out, cfg, _ = smoke
+    printed = open(out + ".terminal").read()
+    lines = printed.splitlines()
+    assert len(lines) <= MAX_TERMINAL_LINES, printed
+    shown = [ln for ln in lines if ln.strip()]
+    assert len(shown) == len(set(shown)), "a line printed twice"
+    assert "PlacementGroupCleaner" not in printed and "past_key_values" not in printed
+    for step in pipeline.STEP_NAMES:
+        assert any(f"] {step}" in ln and "done in" in ln for ln in lines), step
+    assert f"report: {os.path.join(out, 'report.md')}" in printed
+    logs = os.path.join(out, "logs")
+    for task in cfg.tasks:
+        train_log = open(os.path.join(logs, task, "ft.log")).read()
+        assert f"[train] {task}/ft step {cfg.train.max_steps}/{cfg.train.max_steps}" in train_log
+        assert "'loss'" in train_log
+        for rel in ("harvest/ft-train.log", "eval/eift.log", "grpo.log", "tune.log"):
+            assert os.path.getsize(os.path.join(logs, task, rel)) > 0, f"{task}/{rel}"
+    assert os.path.exists(os.path.join(logs, "ray.log"))
 
 
 def test_every_stage_ran_and_wrote_the_design_layout(smoke):
