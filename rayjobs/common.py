@@ -115,10 +115,16 @@ def init_ray(cfg: Config) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # Every process of the job silences Ray's known-harmless warnings where they are logged.
     env: dict[str, Any] = {"worker_process_setup_hook": console.quiet_worker_logging}
+    # Ray Train's print patch tees a worker's print to its stdout *and* the root logger,
+    # whose console handler prints it again: every training line came twice. Off (0),
+    # print is print; set the variable to 1 to have it back.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
     if os.environ.get("DS_ACCELERATOR"):
-        env["env_vars"] = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}
+        env_vars["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    env["env_vars"] = env_vars
     # Quiet (a job's default): the workers write to the stage logs, not through the driver.
     to_driver = not console.quiet()
+    console.redirect_driver_stderr()  # quiet: Ray core's C++ lines in the driver -> ray.log
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=to_driver)
         console.note_ray_session()

@@ -75,6 +75,14 @@ def configure(output_dir: str, *, verbose: bool) -> None:
 def reset() -> None:
     """Undo ``configure`` (a job run in-process ends): the terminal streams and Ray's log
     handlers as they were, output streamed again."""
+    saved = _state.pop("saved_fd2", None)
+    if saved is not None:  # fd 2 back to the terminal
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        with contextlib.suppress(Exception):
+            _state.pop("term_err").close()
     if _state["out"] is not None:
         sys.stdout, sys.stderr = _state["out"], _state["err"]
     for lg, h in _moved:
@@ -260,6 +268,7 @@ class _Bar:
             pos = next(i for i in range(len(_bars) + 1) if i not in used and -i not in used)
             self.bar = tqdm(
                 total=self.total,
+                initial=self.done,  # a resumed run starts part-way
                 desc=self.key,
                 position=pos,
                 leave=False,
@@ -269,8 +278,11 @@ class _Bar:
             )
         if self.total is not None and self.bar.total != self.total:
             self.bar.total = self.total
-        self.bar.n = self.done
-        self.bar.refresh()
+        if self.done >= self.bar.n:
+            self.bar.update(self.done - self.bar.n)  # through update: tqdm's rate and ETA
+        else:  # a restarted worker went back to its checkpoint
+            self.bar.n = self.done
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -306,6 +318,7 @@ def quiet_ray_driver_logging(path: str) -> None:
     """Send the driver's Ray log records to ``path`` instead of the terminal; a line there
     names Ray's session logs, where its daemons and controllers write."""
     import ray  # noqa: F401 - sets up the "ray" logger and its console handler
+    import ray.data  # noqa: F401 - configures "ray.data" (its own console handler) on import
 
     handler = _LazyFileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
@@ -332,6 +345,27 @@ class _LazyFileHandler(logging.FileHandler):
     def _open(self):  # noqa: ANN202 - logging's signature
         os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
         return super()._open()
+
+
+def redirect_driver_stderr() -> None:
+    """Quiet mode, before ``ray.init``: the driver's C-level stderr (fd 2: Ray core's own
+    C++ log lines, e.g. the actor-restart notice of Ray Data's pools) goes to ``logs/ray.log``;
+    Python's ``sys.stderr`` keeps writing to the terminal through a duplicate of fd 2."""
+    if not quiet() or _state.get("saved_fd2") is not None:
+        return
+    path = os.path.join(_state["log_dir"], "ray.log")
+    os.makedirs(_state["log_dir"], exist_ok=True)
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _state["saved_fd2"] = saved
+    term = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+    _state["term_err"] = term
+    if isinstance(sys.stderr, _Router):
+        sys.stderr._real = term
 
 
 def note_ray_session() -> None:

@@ -57,3 +57,19 @@ def test_uri_output_dirs_log_locally():
 def test_headline_lines():
     md = "# R\n\n## Headline\n\n- Premise on sudoku **holds**: `x`.\nEIFT 80%\n\n## Next\n- no\n"
     assert headline_lines(md) == ["- Premise on sudoku holds: x.", "EIFT 80%"]
+
+
+def test_driver_c_level_stderr_goes_to_ray_log(tmp_path, capfd):
+    """Ray core's C++ lines in the driver (fd 2) go to logs/ray.log; Python's stderr does not."""
+    out = str(tmp_path / "run")
+    console.configure(out, verbose=False)
+    try:
+        console.redirect_driver_stderr()
+        os.write(2, b"C-level line\n")
+        print("python line", file=sys.stderr, flush=True)
+    finally:
+        console.reset()
+    err = capfd.readouterr().err
+    assert "python line" in err and "C-level line" not in err
+    assert "C-level line" in open(os.path.join(out, "logs", "ray.log")).read()
+    os.write(2, b"")  # fd 2 is usable again
