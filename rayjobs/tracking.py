@@ -32,11 +32,14 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+
+import numpy as np
 
 from rayjobs.common import JobContext, read_manifest, update_manifest
 from selfcorrect import io
@@ -200,7 +203,9 @@ class Tracker:
         ms = [
             Metric(k, float(v), now, int(s))
             for k, v, s in rows
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if isinstance(v, numbers.Real)
+            and not isinstance(v, (bool, np.bool_))
+            and math.isfinite(v)
         ]
         for chunk in _chunks(ms, 1000):
             self.client.log_batch(run_id, metrics=chunk)
@@ -338,12 +343,12 @@ def _log_stage_content(
             params["train.lr"] = str(t.base_lr or t.lr)
         tr.log_params(run_id, params)
         rows += _curves(ctx.path(task, "models", model, "metrics.parquet"))
-        rows += [(f"final_{k}", v, 0) for k, v in (rec.get("final") or {}).items()]
     elif len(parts) == 3 and parts[1] == "eval":
         tr.log_params(run_id, {"task": task, "model": parts[2]})
         rows += _eval_rates(ctx.path(task, "eval", "summary.parquet"), parts[2])
     elif len(parts) == 2 and parts[1] == "tune":
         tr.log_params(run_id, {"task": task, **flatten({"tune": cfg["tune"]})})
+    rows += [(f"final_{k}", v, 0) for k, v in (rec.get("final") or {}).items()]
     tr.log_metrics(run_id, rows)
 
 

@@ -25,7 +25,13 @@ def _fake_run(out: str) -> None:
     os.makedirs(os.path.join(m, "eval"))
     os.makedirs(os.path.join(out, "figures"))
     pd.DataFrame(
-        {"step": [5, 10], "loss": [2.0, 1.5], "decision_loss": [0.9, None], "bf16": [False] * 2}
+        {
+            "step": [5, 10],
+            "loss": [2.0, 1.5],
+            "decision_loss": [0.9, None],
+            "bf16": [False] * 2,
+            "tokens": [100, 200],
+        }
     ).to_parquet(os.path.join(m, "models", "eift", "metrics.parquet"))
     rows = [
         {
@@ -110,6 +116,7 @@ def test_one_child_per_finished_stage_with_curves_and_rates(tracked):
     assert [(m.step, m.value) for m in hist] == [(5, 2.0), (10, 1.5)]
     assert [m.step for m in client.get_metric_history(train.info.run_id, "decision_loss")] == [5]
     assert "bf16" not in train.data.metrics
+    assert train.data.metrics["tokens"] == 200  # int64 columns too
     assert train.data.metrics["final_loss"] == 1.5
     assert train.data.params["model"] == "eift" and train.data.params["train.lr"] == "0.001"
     assert train.data.tags[tracking.TAG_HASH] == "h1"
