@@ -425,24 +425,41 @@ class Progress:
         self._put(add=int(n))
 
 
-# Known-harmless warnings of Ray's own processes, silenced where they are logged. Ray's
-# ``worker_process_setup_hook`` (``rayjobs.common.init_ray``) runs this in every process of
-# the job, Ray Train's controller and its detached placement-group cleaner included.
-HARMLESS_LOGGERS = {
+# Known-harmless warnings, silenced where they are logged. Ray's ``worker_process_setup_hook``
+# (``rayjobs.common.init_ray``) runs ``quiet_worker_logging`` in every process of the job, Ray
+# Train's controller and its detached placement-group cleaner included. A logger filter, not
+# only a level: Ray Train's controller re-runs ``dictConfig``, which resets child levels.
+HARMLESS: dict[str, tuple[int, str | None]] = {
+    # logger: (drop records below this level, or (if a prefix is given) records starting so)
     # Polls the state API every second; an instance without the dashboard (ours: embedded,
     # include_dashboard=False) has none, so each poll warned (475 lines per tiny run).
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (logging.ERROR, None),
     # The autoscaling hint of a fixed-size local cluster timing out on a busy CPU: a warning
     # with a full traceback per training run; the resources are requested all the same.
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": (
-        logging.ERROR
+        logging.ERROR,
+        None,
     ),
-    # "Setting ds_accelerator to cpu (override)" and friends, once per training worker.
-    "DeepSpeed": logging.WARNING,
+    # DeepSpeed's accelerator notice ("Setting accelerator to CPU. If you have GPU ..."), once
+    # per training worker; other DeepSpeed warnings still show.
+    "DeepSpeed": (logging.WARNING, "Setting accelerator to CPU"),
 }
 
 
+class _Harmless(logging.Filter):
+    def __init__(self, below: int, prefix: str | None) -> None:
+        super().__init__()
+        self.below, self.prefix = below, prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.prefix is not None:
+            return not str(record.msg).startswith(self.prefix)
+        return record.levelno >= self.below
+
+
 def quiet_worker_logging() -> None:
-    """Ray ``worker_process_setup_hook``: raise the levels of ``HARMLESS_LOGGERS``."""
-    for name, level in HARMLESS_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+    """Ray ``worker_process_setup_hook``: filter the ``HARMLESS`` records out."""
+    for name, (below, prefix) in HARMLESS.items():
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _Harmless) for f in lg.filters):
+            lg.addFilter(_Harmless(below, prefix))
