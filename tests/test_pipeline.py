@@ -11,12 +11,19 @@ import os
 
 import pytest
 
-from rayjobs import pipeline
+from rayjobs import pipeline, tracking
 from rayjobs.common import JobContext
 from selfcorrect.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking(monkeypatch):
+    """Steps and the manifest only: MLflow tracking has its own tests (tests/test_tracking.py),
+    and a SQLite store per run dir would add half a minute here."""
+    monkeypatch.setattr(tracking, "tracking_uri", lambda cfg, output_dir: None)
 
 
 def _steps(*names: str) -> list[pipeline.Step]:
