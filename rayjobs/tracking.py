@@ -58,25 +58,34 @@ TAG_PARENT = "mlflow.parentRunId"
 _LOCK = threading.RLock()  # one tracker per run dir, shared by the pipeline's task threads
 _TRACKERS: dict[tuple[str, str], Tracker] = {}
 _NOTED: set[str] = set()
+_BROKEN: set[str] = set()  # run dirs whose tracking failed in this process
 
 T = TypeVar("T")
 
 
 def _safe(fn: Callable[..., T]) -> Callable[..., T | None]:
-    """Tracking never fails a stage: an exception becomes one warning line, no traceback."""
+    """Tracking never fails a stage: an exception becomes one warning line, no traceback, and
+    tracking of that run dir stops for this process (an unreachable server would otherwise
+    cost its retries at every step); the next run there logs what was missed (``sync``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        where = args[0].output_dir if isinstance(args[0], JobContext) else str(args[1])
+        if where in _BROKEN:
+            return None
         try:
             with _LOCK:
                 return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking is best effort by design
+            _BROKEN.add(where)
             msg = " ".join(str(e).split())[:300]
             log.warning(
-                "[tracking] %s failed, tracking skipped it: %s: %s",
+                "[tracking] %s failed (%s: %s); no more tracking in this run, the next run in "
+                "%s logs what was missed",
                 fn.__name__,
                 type(e).__name__,
                 msg,
+                where,
             )
             return None
 
