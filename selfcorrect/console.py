@@ -146,6 +146,10 @@ class _Router:
 
     def write(self, s: str) -> int:
         path = _current("log")
+        if path is None and threading.current_thread().name.startswith("ray_"):
+            # Ray's own driver threads, e.g. ray_listen_error_messages printing the raylet's
+            # warnings ("N PYTHON worker processes have been started ..."): Ray's log.
+            path = os.path.join(_state["log_dir"], "ray.log")
         if path is None:
             return self._real.write(s)
         _append(path, s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 from rayjobs.pipeline import headline_lines
 from selfcorrect import console
@@ -15,6 +16,11 @@ def test_stage_output_goes_to_its_log_and_one_line_to_the_terminal(tmp_path, cap
     console.configure(out, verbose=False)
     try:
         print("before")
+        t = threading.Thread(
+            target=print, args=("raylet warning",), name="ray_listen_error_messages"
+        )
+        t.start()
+        t.join()
         with console.stage_scope("sudoku/ft"):
             print("inside the stage")
             spec = console.worker_spec()
@@ -37,6 +43,8 @@ def test_stage_output_goes_to_its_log_and_one_line_to_the_terminal(tmp_path, cap
     log = open(os.path.join(out, "logs", "sudoku", "ft.log")).read()
     assert "inside the stage" in log
     assert "[skip] x" in open(os.path.join(out, "logs", "driver.log")).read()
+    assert "raylet warning" not in printed
+    assert "raylet warning" in open(os.path.join(out, "logs", "ray.log")).read()
     assert not isinstance(sys.stdout, console._Router)
 
 
