@@ -176,3 +176,51 @@ def test_notebook_on_the_smoke_run(smoke):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4
+
+
+def test_mlflow_tracking_of_the_smoke_run(smoke):
+    """The run read back through the MLflow client (rayjobs.tracking): the parent with the
+    config and report, a curve per trained model, eval rates, the Tune trials."""
+    import mlflow
+
+    out, cfg, _ = smoke
+    rec = json.loads(open(os.path.join(out, "manifest.json")).read())["tracking"]
+    store = os.path.join(out, "mlruns", "mlflow.db")
+    assert rec["uri"] == f"sqlite:///{store}" and os.path.exists(store)
+    client = mlflow.MlflowClient(tracking_uri=rec["uri"])
+    parent = client.get_run(rec["parent_run_id"])
+    assert parent.data.params["name"] == "smoke"
+    assert parent.data.params["train.max_steps"] == str(cfg.train.max_steps)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "manifest.json", "figures"} <= arts, arts
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/figure6.png" in figures
+
+    def children(run_id: str) -> dict[str, object]:
+        runs = client.search_runs(
+            [rec["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+        )
+        return {r.data.tags.get("selfcorrect.stage", r.info.run_name): r for r in runs}
+
+    stages = children(parent.info.run_id)
+    for task in cfg.tasks:
+        for model in pipeline.produced_models(cfg):
+            run = stages[f"{task}/{model}"].info.run_id
+            curve = "reward_mean" if model == "grpo" else "loss"
+            assert len(client.get_metric_history(run, curve)) >= 1, (task, model)
+            ev = stages[f"{task}/eval/{model}"].data.metrics
+            for t in cfg.eval.temperatures:
+                assert f"synthetic/T{t:g}/recognition_rate" in ev, (task, model, t)
+        assert len(client.get_metric_history(stages[f"{task}/grpo"].info.run_id, "kl")) >= 1
+        trials = children(stages[f"{task}/tune"].info.run_id)
+        assert len(trials) == len(cfg.tune.injection_rates), task
+        assert all("val_loss" in r.data.metrics for r in trials.values()), task
+
+
+def test_tracking_none_writes_no_store(tmp_path):
+    out = str(tmp_path / "run")
+    cfg = load_config(SMOKE, ["tracking.backend=none"])
+    pipeline.run(JobContext(cfg, out), [s for s in pipeline.STEPS if s.name == "data"])
+    assert os.path.exists(os.path.join(out, "multiplication", "data", "train.parquet"))
+    assert not os.path.exists(os.path.join(out, "mlruns"))
+    assert "tracking" not in json.loads(open(os.path.join(out, "manifest.json")).read())
