@@ -167,14 +167,15 @@ class Tracker:
             tags = old.data.tags
             if tags.get(TAG_FINISHED) == finished:
                 return old.info.run_id, False
-            if tags.get(TAG_FINISHED) == "" and tags.get(TAG_HASH) == config_hash:
-                return old.info.run_id, True  # opened while running (tune): finish it
+            pending = tags.get(TAG_FINISHED) == "" and tags.get(TAG_HASH) == config_hash
+            if pending and key.endswith("/tune"):
+                return old.info.run_id, True  # opened while running, trials under it: finish it
             self.delete_tree(old.info.run_id)
         tags = {
             TAG_PARENT: self.parent_id,
             TAG_STAGE: key,
             TAG_HASH: config_hash,
-            TAG_FINISHED: finished,
+            TAG_FINISHED: "",  # until finish_child: a half-logged run is redone next time
         }
         run = self.client.create_run(self.experiment_id, run_name=key, tags=tags)
         self.children[key] = run
@@ -329,7 +330,11 @@ def _log_stage(tr: Tracker, ctx: JobContext, key: str, rec: dict[str, Any]) -> N
         return
     try:
         _log_stage_content(tr, ctx, key, rec, run_id)
-    except Exception as e:  # noqa: BLE001 - keep the child, say what is missing
+    except Exception as e:  # noqa: BLE001 - a bad output file: keep the child, say what is missing
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(e, (MlflowException, OSError)):  # the store or server: redo next time
+            raise
         _note_once(f"{key}: logged without some of its contents ({type(e).__name__}: {e})")
     tr.finish_child(key, run_id, finished)
 

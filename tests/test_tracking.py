@@ -176,6 +176,37 @@ def test_tune_trials_nest_under_the_tune_run(tracked):
     assert finished.data.tags[tracking.TAG_FINISHED] == "5.0"
 
 
+def test_a_half_logged_stage_is_redone_by_the_next_run(tracked, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    ctx, client = tracked
+
+    def add(m: dict) -> None:
+        m["stages"]["multiplication/insec"] = {
+            "status": "done",
+            "config_hash": "hi",
+            "finished": 7.0,
+            "seconds": 1.0,
+        }
+
+    update_manifest(ctx, add)
+
+    def down(*a, **k):
+        raise MlflowException("server went away")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tracking.Tracker, "log_metrics", down)
+        assert tracking.sync(ctx) is None  # one warning; no more tracking in this run
+    half = _children(client, ctx.output_dir)["multiplication/insec"]
+    assert half.data.tags[tracking.TAG_FINISHED] == ""
+    tracking._BROKEN.discard(ctx.output_dir)  # as in the next run's fresh process
+    tracking.sync(ctx)
+    redone = _children(client, ctx.output_dir)["multiplication/insec"]
+    assert redone.info.run_id != half.info.run_id
+    assert redone.data.tags[tracking.TAG_FINISHED] == "7.0"
+    assert redone.data.metrics["stage_seconds"] == 1.0
+
+
 def test_backend_none_writes_no_store(tmp_path):
     out = str(tmp_path / "run")
     _fake_run(out)
