@@ -263,7 +263,13 @@ def open_tracker(ctx: JobContext) -> Tracker | None:
                 where = None
                 if embedded:
                     where = "file://" + os.path.abspath(ctx.path(STORE_DIR, "artifacts"))
-                eid = client.create_experiment(name, artifact_location=where)
+                # The UI opens a "model training" experiment on its runs table, not the
+                # GenAI traces overview that MLflow 3 shows for untagged experiments.
+                eid = client.create_experiment(
+                    name,
+                    artifact_location=where,
+                    tags={"mlflow.experimentKind": "custom_model_development"},
+                )
             parent = client.create_run(
                 eid, run_name=ctx.cfg.name, tags={"selfcorrect.output_dir": ctx.output_dir}
             )
