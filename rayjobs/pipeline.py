@@ -266,7 +266,8 @@ def summary(ctx: JobContext, timings: dict[str, float]) -> str:
         lines.append(f"logs: {console.log_dir()}/ (one file per stage; ray.log: Ray's own)")
     mlruns = io.join(ctx.output_dir, "mlruns")
     if io.exists(mlruns):
-        lines.append(f"MLflow: {mlruns} (mlflow ui --backend-store-uri <its store>)")
+        store = tracking.tracking_uri(ctx.cfg, ctx.output_dir) or mlruns
+        lines.append(f"MLflow: {mlruns} (open it: mlflow ui --backend-store-uri {store})")
     return "\n".join(lines)
 
 
