@@ -139,7 +139,8 @@ def interrupt_pipeline(out: str, stage: str, sig: int, after: float | str) -> st
     processes the driver left (its process group). Returns its output."""
     tmp = _ray_tmp()
     proc = subprocess.Popen(
-        _cmd(out, 0),
+        # --verbose: the "<stage>: start" lines this waits for (a quiet console has bars instead)
+        [*_cmd(out, 0), "--verbose"],
         cwd=REPO,
         env=_env(tmp),
         stdout=subprocess.PIPE,
