@@ -75,6 +75,20 @@ def _client(out: str):
     return mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(load_config(SMOKE), out))
 
 
+def _mark_done(ctx, key: str, config_hash: str, finished: float) -> None:
+    """Record a finished stage in the manifest, as a stage job would."""
+
+    def done(m: dict) -> None:
+        m["stages"][key] = {
+            "status": "done",
+            "config_hash": config_hash,
+            "finished": finished,
+            "seconds": 1.0,
+        }
+
+    update_manifest(ctx, done)
+
+
 def _children(client, out: str) -> dict[str, object]:
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     parent = manifest["tracking"]["parent_run_id"]
@@ -161,15 +175,7 @@ def test_tune_trials_nest_under_the_tune_run(tracked):
     assert cb.tags["mlflow.parentRunId"] == tune_run.info.run_id
     assert tune_run.data.tags[tracking.TAG_FINISHED] == ""
 
-    def done(m: dict) -> None:
-        m["stages"]["multiplication/tune"] = {
-            "status": "done",
-            "config_hash": "th",
-            "finished": 5.0,
-            "seconds": 1.0,
-        }
-
-    update_manifest(ctx, done)
+    _mark_done(ctx, "multiplication/tune", "th", 5.0)
     tracking.sync(ctx)
     finished = _children(client, ctx.output_dir)["multiplication/tune"]
     assert finished.info.run_id == tune_run.info.run_id  # the trials' parent is kept
@@ -181,15 +187,7 @@ def test_a_half_logged_stage_is_redone_by_the_next_run(tracked, monkeypatch):
 
     ctx, client = tracked
 
-    def add(m: dict) -> None:
-        m["stages"]["multiplication/insec"] = {
-            "status": "done",
-            "config_hash": "hi",
-            "finished": 7.0,
-            "seconds": 1.0,
-        }
-
-    update_manifest(ctx, add)
+    _mark_done(ctx, "multiplication/insec", "hi", 7.0)
 
     def down(*a, **k):
         raise MlflowException("server went away")
