@@ -127,7 +127,7 @@ def preflight(
     with their own message, instead of inside every worker after its retries. Skipped for
     hub models, whose tokenizer would have to be downloaded here.
     """
-    from selfcorrect.models import load_tokenizer
+    from selfcorrect.models import adapt_tokenizer, load_tokenizer
     from selfcorrect.tokenizer import build_char_tokenizer
     from selfcorrect.training import ExampleStream
 
@@ -136,6 +136,7 @@ def preflight(
         tokenizer = build_char_tokenizer()
     elif not io.is_uri(path) and Path(path, "config.json").exists():
         tokenizer = load_tokenizer(path)
+        adapt_tokenizer(tokenizer, cfg.model.chat_template)  # as the workers will have it
     else:
         return
     ExampleStream(cfg, task_name, method, prompts, tokenizer, onpolicy).local_batch(0, 0, 1)

@@ -82,6 +82,14 @@ class ModelConfig:
     lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha")
+    chat_template: bool = _f(
+        True,
+        "put the problem in the tokenizer's chat template (a user turn, then the assistant's "
+        "turn holds the trace) when the model's tokenizer has one, as instruct models are "
+        "trained to be prompted; false = plain 'prompt\\ntrace' text. No effect on the "
+        "character tokenizer (it has no template). The choice is saved with every trained "
+        "model: a model trained without it keeps no template",
+    )
 
     def validate(self) -> None:
         _check(

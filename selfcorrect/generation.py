@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from selfcorrect.tasks.base import clean_line, is_answer, is_recognition, split_lines, trace_end
+from selfcorrect.tokenizer import frame_text
 
 __all__ = [
     "GenerationActor",
@@ -178,7 +179,10 @@ def generate_rollouts(
             "tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token"
         )
 
-    ids = tokenizer(prefixes, add_special_tokens=False)["input_ids"]
+    # The prompt line in the chat template where the tokenizer has one, as in training.
+    ids = tokenizer([frame_text(tokenizer, p) for p in prefixes], add_special_tokens=False)[
+        "input_ids"
+    ]
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prefix {i} is empty; every prefix needs at least the prompt line")

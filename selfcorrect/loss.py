@@ -7,7 +7,7 @@ tokenizer and for any Hugging Face BPE tokenizer. Attention is never masked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from selfcorrect.tasks.base import INSEC_CLOSE, RECOGNITION_LINE
+from selfcorrect.tokenizer import chat_head
 from selfcorrect.traces import Example, Span
 
 
@@ -115,13 +116,34 @@ def false_alarm_targets(tokenizer, example: Example, offsets: list[tuple[int, in
     return out
 
 
+def frame_example(tokenizer, example: Example) -> Example:
+    """The example with its prompt line in the tokenizer's chat template (if it has one).
+
+    The template's text is all prompt (weight 0); every later span shifts by the same amount,
+    so masks, decision sites and false-alarm sites are unchanged.
+    """
+    s0, prompt_end, kind = example.spans[0]
+    if s0 != 0 or kind != Span.PROMPT:
+        raise ValueError("an example must start with its prompt line")
+    head = chat_head(tokenizer, example.text[: prompt_end - 1])  # without the newline
+    if head is None:
+        return example
+    d = len(head) - prompt_end
+    spans = [(0, len(head), int(Span.PROMPT))] + [
+        (s + d, e + d, k) for s, e, k in example.spans[1:]
+    ]
+    return replace(example, text=head + example.text[prompt_end:], spans=spans)
+
+
 def encode_example(
     tokenizer, example: Example, weights: LossWeights, max_length: int | None = None
 ) -> dict[str, np.ndarray]:
     """Text -> token ids plus per-token weights; an EOS token is appended as a golden token.
 
     ``fa_target`` (``false_alarm_targets``) is for metrics only: it never enters the loss.
+    The prompt is put in the chat template first where the tokenizer has one.
     """
+    example = frame_example(tokenizer, example)
     enc = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)
     w, ul, kind = token_weights(enc["offset_mapping"], example.char_labels(), weights)
     fa = false_alarm_targets(tokenizer, example, enc["offset_mapping"])

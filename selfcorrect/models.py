@@ -21,6 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from selfcorrect.tasks.base import INSEC_CLOSE, INSEC_OPEN
 from selfcorrect.tokenizer import build_char_tokenizer
 
 # name -> (hidden, layers, heads, kv_heads, ffn)
@@ -136,6 +137,41 @@ def check_model_dir(path: str) -> None:
             raise ModelPathError(
                 f"weights file {f} is truncated or corrupt ({e}); {_RETRAIN}"
             ) from e
+
+
+def adapt_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> None:
+    """Make a loaded tokenizer what every method trains with: InSeC's markers as tokens and
+    the chat template kept or dropped (``model.chat_template``). Saved with each trained
+    model, so later stages need no config to match.
+
+    A hub BPE tokenizer would split ``</mistake>`` into many pieces; as one added special
+    token (as the character tokenizer has it) InSeC's decision is one token, as EIFT's is.
+    """
+    missing = [t for t in (INSEC_OPEN, INSEC_CLOSE) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if not chat_template:
+        tokenizer.chat_template = None
+
+
+def fit_embeddings(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings to the vocabulary. New rows are the mean of the old ones: no
+    RNG, so every Ray Train rank (each seeded differently) starts from the same model."""
+    old = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= old:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {
+            id(m): m
+            for m in (model.get_input_embeddings(), model.get_output_embeddings())
+            if m is not None
+        }.values():
+            emb.weight[old:] = emb.weight[:old].mean(dim=0)
+
+
+def insec_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return tokenizer.convert_tokens_to_ids([INSEC_OPEN, INSEC_CLOSE])
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

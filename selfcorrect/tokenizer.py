@@ -8,6 +8,7 @@ are exact character spans, which is what the loss masks are built from.
 from __future__ import annotations
 
 import string
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -40,3 +41,27 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=1024,
         padding_side="left",
     )
+
+
+def chat_head(tokenizer: Any, prompt: str) -> str | None:
+    """The prompt in the tokenizer's chat template, up to where the assistant's turn starts.
+
+    None when the tokenizer has no template (the character tokenizer, or a model trained with
+    ``model.chat_template: false``, whose saved tokenizer keeps none).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def frame_text(tokenizer: Any, text: str) -> str:
+    """``prompt\\nsteps...`` as the model sees it: the prompt line in the chat template, if any.
+
+    Generation prefixes and training texts both go through this (``selfcorrect.loss`` frames
+    examples with ``chat_head``), so a model is prompted exactly as it was trained.
+    """
+    prompt, _, rest = text.partition("\n")
+    head = chat_head(tokenizer, prompt)
+    return text if head is None else head + rest

@@ -245,12 +245,25 @@ class RaySession:
 def build_training_model(
     cfg: Config, init_model_path: str | None = None
 ) -> tuple[torch.nn.Module, Any]:
-    """Random-init preset (seeded), ``model.path``, or ``init_model_path``; LoRA if configured."""
-    from selfcorrect.models import build_model, load_model
+    """Random-init preset (seeded), ``model.path``, or ``init_model_path``; LoRA if configured.
+
+    LoRA adapters go on the attention projections, and the embedding rows of InSeC's two
+    tokens train too (peft's ``trainable_token_indices``): they may be new to a hub
+    vocabulary, and a frozen mean-initialised row could never become InSeC's signal.
+    """
+    from selfcorrect.models import (
+        adapt_tokenizer,
+        build_model,
+        fit_embeddings,
+        insec_token_ids,
+        load_model,
+    )
 
     path = init_model_path or cfg.model.path
     if path:
         model, tok = load_model(path)
+        adapt_tokenizer(tok, cfg.model.chat_template)
+        fit_embeddings(model, tok)
     else:
         model, tok = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
     if cfg.model.lora:
@@ -260,6 +273,7 @@ def build_training_model(
             r=cfg.model.lora_r,
             lora_alpha=cfg.model.lora_alpha,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            trainable_token_indices=insec_token_ids(tok),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lcfg)
