@@ -54,3 +54,16 @@ def smoke_cfg():
     from selfcorrect.config import load_config
 
     return load_config(os.path.join(REPO, "configs", "smoke.yaml"))
+
+
+@pytest.fixture(scope="session")
+def standin_models(tmp_path_factory):
+    """Local stand-ins for the paper's hub models (selfcorrect.standin): arch -> model dir.
+
+    A Qwen2- and a Llama-architecture causal LM (~2M parameters) with byte-level BPE
+    tokenizers trained here and chat templates, saved with ``save_pretrained``.
+    """
+    from selfcorrect.standin import make_standin
+
+    root = tmp_path_factory.mktemp("standin")
+    return {arch: make_standin(str(root / arch), arch) for arch in ("qwen2", "llama")}

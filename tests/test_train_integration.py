@@ -86,20 +86,48 @@ def test_hybrid_without_harvest_fails_clearly(ray_session, smoke_cfg, run_dir):
     assert not os.path.exists(os.path.join(run_dir, "multiplication", "models", "hybrid"))
 
 
+def _weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+
+
+@pytest.mark.parametrize(
+    "case,method,options",
+    [
+        ("zero2", "insec", {"zero_stage": 2}),
+        # Sharded parameters: resume re-partitions them, the final save must gather them.
+        ("zero3", "ft", {"zero_stage": 3}),
+        # Adapters (and InSeC's token rows) on the BPE stand-in, merged into the saved model.
+        ("lora", "insec", {"zero_stage": 2}),
+    ],
+    ids=["zero2", "zero3", "lora"],
+)
 def test_killed_worker_resumes_from_checkpoint_and_finishes(
-    ray_session, smoke_cfg, run_dir, tmp_path
+    ray_session, smoke_cfg, run_dir, tmp_path, standin_models, case, method, options
 ):
     """Rank 1 dies hard at step 6 (after the step-4 checkpoint); FailureConfig restarts the
-    group, which resumes at step 4 from model/optimizer/scheduler/RNG state and finishes."""
-    from rayjobs import train
+    group, which resumes at step 4 from model/optimizer/scheduler/RNG state and finishes.
+    The saved model loads with ``from_pretrained`` as a plain causal LM."""
+    from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(smoke_cfg, zero_stage=2, max_steps=10, checkpoint_every=4)
+    from rayjobs import train
+    from selfcorrect.models import insec_token_ids, load_tokenizer
+
+    cfg = _cfg(smoke_cfg, max_steps=10, checkpoint_every=4, **options)
+    init_dir = None
+    if case in ("zero3", "lora"):
+        init_dir = standin_models["qwen2" if case == "lora" else "llama"]
+        model_cfg = dataclasses.replace(
+            cfg.model, path=init_dir, max_length=512, lora=case == "lora", lora_r=4
+        )
+        cfg = dataclasses.replace(cfg, model=model_cfg)
     marker = tmp_path / "crashed"
     out = os.path.join(str(tmp_path), "model")
     last = train.train_one(
         cfg,
         "multiplication",
-        "insec",
+        method,
         out,
         train_path=train.data_path(run_dir, "multiplication"),
         crash={"rank": 1, "step": 6, "marker": str(marker)},
@@ -110,3 +138,26 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(
     assert state["resumed_at"] == [4]
     hist = json.load(open(os.path.join(out, "metrics.json")))
     assert [h["step"] for h in hist] == [2, 4, 6, 8, 10]  # no step lost or repeated
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # gathered, merged: a plain model
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    if init_dir is None:
+        return
+    before, after = _weights(init_dir), _weights(out)
+    assert {k: v.shape for k, v in after.items() if k in before and "embed" not in k} == {
+        k: v.shape for k, v in before.items() if "embed" not in k
+    }
+    tok = load_tokenizer(out)
+    assert model.get_input_embeddings().num_embeddings == len(tok)  # InSeC's tokens added
+    changed = {k for k in before if "embed" not in k and not torch.equal(before[k], after[k])}
+    if case == "zero3":
+        assert changed == {k for k in before if "embed" not in k}, "a shard was not gathered"
+    else:  # LoRA: only the adapted attention projections moved, merged into their weights
+        assert changed and all(
+            k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for k in changed
+        ), changed
+        emb = after["model.embed_tokens.weight"]
+        n_old = before["model.embed_tokens.weight"].shape[0]
+        assert torch.equal(emb[:n_old], before["model.embed_tokens.weight"])
+        close = insec_token_ids(tok)[1]  # </mistake>: trained (InSeC's signal), not frozen
+        assert not torch.allclose(emb[close], emb[:n_old].mean(0))
