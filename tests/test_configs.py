@@ -58,3 +58,46 @@ def test_a_broken_preset_is_a_clear_error(tmp_path):
     bad.write_text("train: {max_stpes: 3}\n")
     with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
         load_config(str(bad))
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    from selfcorrect.standin import make_standin
+
+    root = tmp_path_factory.mktemp("standin")
+    return {arch: make_standin(str(root / arch), arch) for arch in ("qwen2", "llama")}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("preset", ["paper-multiplication", "paper-sudoku"])
+def test_paper_preset_max_length_fits_four_errors_under_a_bpe_tokenizer(standins, preset, arch):
+    """model.max_length of a paper preset holds the longest trace with 4 injected errors, as
+    training encodes it (the chat template around the prompt, InSeC's tokens, EOS) under a
+    byte-level BPE tokenizer that splits numbers as Qwen2 / Llama 3 do."""
+    import numpy as np
+
+    from selfcorrect.loss import LossWeights, encode_example
+    from selfcorrect.models import adapt_tokenizer, load_tokenizer
+    from selfcorrect.tasks import get_task
+    from selfcorrect.traces import eift_example
+
+    cfg = load_config(
+        os.path.join(REPO, "configs", f"{preset}.yaml"), [f"model.path={standins[arch]}"]
+    )
+    tok = load_tokenizer(cfg.model.path)
+    adapt_tokenizer(tok, cfg.model.chat_template)
+    assert tok.chat_template, "the stand-in is an instruct model: its template is used"
+    (task_name,) = cfg.tasks
+    task = get_task(task_name, **cfg.task_options(task_name))
+    rng = np.random.default_rng(0)
+    longest = 0
+    for _ in range(100):
+        problem = task.sample_problem(rng)
+        ex = eift_example(task, problem, rng, cfg.train.max_errors)
+        while len(ex.error_steps) < 4:
+            ex = eift_example(task, problem, rng, cfg.train.max_errors)
+        n = len(encode_example(tok, ex, LossWeights())["input_ids"])
+        longest = max(longest, n)
+    assert cfg.train.max_errors == 4
+    assert longest <= cfg.model.max_length, (preset, arch, longest)
+    print(f"{preset} / {arch}: longest trace with 4 errors {longest} of {cfg.model.max_length}")
