@@ -25,17 +25,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from pipeline_checks import (
+    check_layout,
+    check_mlflow,
+    check_notebook,
+    check_paper_models,
+    check_report,
+    paper_overrides,
+)
 
 from rayjobs import pipeline
+from selfcorrect.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(BIN, "ray")
 
-# The smoke pipeline as a job; one task keeps it inside the integration-tier budget (the
-# pipeline over both tasks runs in test_pipeline_smoke.py).
-PIPELINE = ["python", "-m", "rayjobs.pipeline", "--config", "configs/smoke.yaml"]
-OVERRIDES = ["tasks=[sudoku]"]
+# A researcher's first job on a cluster: a paper preset, here paper-sudoku at toy size with
+# model.path at the local Llama-architecture stand-in (the smoke pipeline over both tasks runs
+# in test_pipeline_smoke.py, paper-multiplication on the Qwen2 stand-in with LoRA in
+# test_paper_pipeline.py).
+PRESET = "configs/paper-sudoku.yaml"
+PIPELINE = ["python", "-m", "rayjobs.pipeline", "--config", PRESET]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -132,8 +143,11 @@ def local_head(num_cpus: int = 2) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 @pytest.mark.integration
-def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
+def test_ray_job_submit_runs_a_paper_preset(tmp_path, standin_models):
+    """paper-sudoku as a job on a token-authenticated head, the model from the Llama stand-in;
+    every output is checked as the smoke run's are."""
     out = str(tmp_path / "run")
+    overrides = paper_overrides(standin_models["llama"])
     sid = f"selfcorrect-test-{secrets.token_hex(4)}"
     with local_head() as (url, env):
         # Token auth is really on: a request without the bearer token is refused.
@@ -156,7 +170,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
                 *PIPELINE,
                 "--output-dir",
                 out,
-                *OVERRIDES,
+                *overrides,
             ],
             cwd=REPO,
             env=env,
@@ -178,15 +192,12 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
         print(f"job wall time {time.time() - t0:.0f}s")
 
     assert "report: " in logs  # the pipeline's closing summary
+    cfg = load_config(os.path.join(REPO, PRESET), overrides)
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
-    assert manifest["stages"], manifest
-    failed = {k: v["status"] for k, v in manifest["stages"].items() if v["status"] != "done"}
-    assert not failed, failed
-    for key in ("sudoku/data", "sudoku/ft", "sudoku/harvest/ft-train", "sudoku/coverage/ft"):
-        assert key in manifest["stages"], key
-    for key in ("sudoku/eift", "sudoku/hybrid", "sudoku/insec", "sudoku/grpo", "report"):
-        assert key in manifest["stages"], key
-    assert set(manifest["pipeline"]["steps"]) == set(pipeline.STEP_NAMES)
-    for rel in ("report.md", "eval_summary.parquet", "sudoku/eval/hybrid.parquet"):
-        assert os.path.exists(os.path.join(out, rel)), rel
+    steps = manifest["pipeline"]["steps"]
+    check_layout(out, cfg, {k: steps[k] for k in pipeline.STEP_NAMES if k in steps})
+    check_report(out, cfg)
+    check_mlflow(out, cfg)
+    check_notebook(out, task="sudoku")
+    check_paper_models(out, cfg)
     assert not os.path.exists(os.path.join(out, "multiplication"))

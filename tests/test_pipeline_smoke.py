@@ -12,32 +12,15 @@ import sys
 import time
 
 import pytest
+from pipeline_checks import check_layout, check_mlflow, check_notebook, check_report
 
 from rayjobs import pipeline
 from rayjobs.common import JobContext
 from selfcorrect import io
 from selfcorrect.config import load_config
-from selfcorrect.report import load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
-SUMMARY_COLUMNS = [
-    "task",
-    "model",
-    "condition",
-    "temperature",
-    "n",
-    "accuracy",
-    "recognition_rate",
-    "correction_rate",
-    "parrot_rate",
-    "false_alarm_rate",
-    *[
-        f"{r}_{s}"
-        for r in ("accuracy", "recognition_rate", "correction_rate")
-        for s in ("lo", "hi")
-    ],
-]
 
 pytestmark = pytest.mark.integration
 
@@ -98,50 +81,12 @@ def test_quiet_console_and_stage_logs(smoke):
 
 
 def test_every_stage_ran_and_wrote_the_design_layout(smoke):
-    out, cfg, timings = smoke
-    assert list(timings) == pipeline.STEP_NAMES
-    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
-    stages = manifest["stages"]
-    assert {k: v["status"] for k, v in stages.items() if v["status"] != "done"} == {}
-    models = pipeline.produced_models(cfg)
-    for task in cfg.tasks:
-        for key in (
-            f"{task}/data",
-            *[f"{task}/{m}" for m in cfg.train.methods],
-            f"{task}/harvest/ft-train",
-            f"{task}/harvest/ft-test",
-            f"{task}/coverage/ft",
-            f"{task}/grpo",
-            *[f"{task}/eval/{m}" for m in models],
-        ):
-            assert key in stages, key
-        for rel in (
-            "data/train.parquet",
-            "data/test.parquet",
-            "harvest/ft-train.parquet",
-            "harvest/ft-test.parquet",
-            "coverage/ft.parquet",
-            "tune/results.parquet",
-            *[f"models/{m}/config.json" for m in models],
-            *[f"eval/{m}.parquet" for m in models],
-        ):
-            assert io.exists(os.path.join(out, task, rel)), f"{task}/{rel}"
-    summary = io.read_parquet(os.path.join(out, "eval_summary.parquet"), SUMMARY_COLUMNS)
-    s = summary.to_pandas()
-    assert set(s["model"]) == set(models) and set(s["task"]) == set(cfg.tasks)
-    assert set(s["temperature"]) == set(cfg.eval.temperatures)
-    assert manifest["pipeline"]["total_seconds"] > 0
+    check_layout(*smoke)
 
 
 def test_report_and_figures(smoke):
     out, cfg, _ = smoke
-    text = open(os.path.join(out, "report.md")).read()
-    for fig in ("figure6", "accuracy", "temperature", "tune"):
-        assert f"figures/{fig}.png" in text, fig
-        assert os.path.getsize(os.path.join(out, "figures", f"{fig}.png")) > 1000
-    run = load_run(out)
-    assert run.tasks == cfg.tasks and run.models == pipeline.produced_models(cfg)
-    assert run.notes == []
+    check_report(out, cfg)
 
 
 def test_rerun_skips_every_stage(smoke, capsys):
@@ -170,52 +115,14 @@ def test_changed_section_redoes_only_its_stages(smoke, capsys):
 
 
 def test_notebook_on_the_smoke_run(smoke):
-    from test_report import execute_notebook
-
-    out, _, _ = smoke
-    nb = execute_notebook(out, task="multiplication", method="eift")
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4
+    check_notebook(smoke[0], task="multiplication")
 
 
 def test_mlflow_tracking_of_the_smoke_run(smoke):
     """The run read back through the MLflow client (rayjobs.tracking): the parent with the
     config and report, a curve per trained model, eval rates, the Tune trials."""
-    import mlflow
-
     out, cfg, _ = smoke
-    rec = json.loads(open(os.path.join(out, "manifest.json")).read())["tracking"]
-    store = os.path.join(out, "mlruns", "mlflow.db")
-    assert rec["uri"] == f"sqlite:///{store}" and os.path.exists(store)
-    client = mlflow.MlflowClient(tracking_uri=rec["uri"])
-    parent = client.get_run(rec["parent_run_id"])
-    assert parent.data.params["name"] == "smoke"
-    assert parent.data.params["train.max_steps"] == str(cfg.train.max_steps)
-    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"report.md", "manifest.json", "figures"} <= arts, arts
-    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
-    assert "figures/figure6.png" in figures
-
-    def children(run_id: str) -> dict[str, object]:
-        runs = client.search_runs(
-            [rec["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
-        )
-        return {r.data.tags.get("selfcorrect.stage", r.info.run_name): r for r in runs}
-
-    stages = children(parent.info.run_id)
-    for task in cfg.tasks:
-        for model in pipeline.produced_models(cfg):
-            run = stages[f"{task}/{model}"].info.run_id
-            curve = "reward_mean" if model == "grpo" else "loss"
-            assert len(client.get_metric_history(run, curve)) >= 1, (task, model)
-            ev = stages[f"{task}/eval/{model}"].data.metrics
-            for t in cfg.eval.temperatures:
-                assert f"synthetic/T{t:g}/recognition_rate" in ev, (task, model, t)
-        assert len(client.get_metric_history(stages[f"{task}/grpo"].info.run_id, "kl")) >= 1
-        trials = children(stages[f"{task}/tune"].info.run_id)
-        assert len(trials) == len(cfg.tune.injection_rates), task
-        assert all("val_loss" in r.data.metrics for r in trials.values()), task
+    check_mlflow(out, cfg)
 
 
 def test_tracking_none_writes_no_store(tmp_path):
