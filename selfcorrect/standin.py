@@ -155,3 +155,57 @@ def make_standin(
     with open(cfg_file, "w") as f:
         json.dump(tok_cfg, f, indent=2)
     return out_dir
+
+
+# A paper preset at toy size on CPU: sizes and devices only. The preset's methods, ZeRO stage,
+# bf16, chat template and eval conditions stay, so the run takes the paper's code path.
+TOY_OVERRIDES = [
+    "data.n_train=200",
+    "data.n_test=20",
+    "train.max_steps=4",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "train.num_workers=2",
+    "train.cpus_per_worker=1",
+    "train.use_gpu=false",
+    "train.warmup_steps=1",
+    "train.lr=1.0e-3",
+    "train.checkpoint_every=4",
+    "train.log_every=2",
+    "harvest.max_problems=16",
+    "harvest.temperature=1.0",  # a random-weight model: sampled lines are wrong steps to harvest
+    "harvest.num_actors=1",
+    "harvest.batch_size=16",
+    "harvest.max_new_tokens=48",
+    "coverage.n_samples=500",
+    "eval.temperatures=[0.0,1.0]",
+    "eval.max_problems=6",
+    "eval.max_errors=6",
+    "eval.num_actors=1",
+    "eval.use_gpu=false",
+    "eval.batch_size=16",
+    "eval.max_new_tokens=48",
+    "grpo.steps=2",
+    "grpo.group_size=2",
+    "grpo.prompts_per_step=4",
+    "grpo.max_new_tokens=32",
+    "grpo.eval_problems=4",
+    "tune.injection_rates=[0.2]",
+    "tune.max_steps=2",
+    "tune.eval_problems=4",
+    "tune.val_examples=8",
+]
+
+
+def toy_overrides(model_dir: str, lora: bool = False, gpus: int = 0) -> list[str]:
+    """Overrides that run a ``paper-*`` preset on ``model_dir`` at toy size: on CPU workers
+    (gloo), or with ``gpus`` > 0 on that many GPUs (NCCL, generation on GPU)."""
+    out = [*TOY_OVERRIDES, f"model.path={model_dir}", f"model.lora={str(lora).lower()}"]
+    if gpus:
+        out += [
+            "train.use_gpu=true",
+            f"train.num_workers={gpus}",
+            f"train.batch_size={4 * gpus}",
+            "eval.use_gpu=true",
+        ]
+    return out

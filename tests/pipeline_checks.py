@@ -9,6 +9,7 @@ import os
 from rayjobs import pipeline
 from selfcorrect import io
 from selfcorrect.report import load_run
+from selfcorrect.standin import toy_overrides as paper_overrides  # noqa: F401 (re-exported)
 
 SUMMARY_COLUMNS = [
     "task",
@@ -27,50 +28,6 @@ SUMMARY_COLUMNS = [
         for s in ("lo", "hi")
     ],
 ]
-
-
-# A paper preset at toy size on CPU workers: sizes and devices only; the preset's methods,
-# ZeRO stage, bf16, chat template and eval conditions stay.
-PAPER_TOY = [
-    "data.n_train=200",
-    "data.n_test=20",
-    "train.max_steps=4",
-    "train.batch_size=8",
-    "train.micro_batch_size=4",
-    "train.num_workers=2",
-    "train.cpus_per_worker=1",
-    "train.use_gpu=false",
-    "train.warmup_steps=1",
-    "train.lr=1.0e-3",
-    "train.checkpoint_every=4",
-    "train.log_every=2",
-    "harvest.max_problems=16",
-    "harvest.temperature=1.0",  # a random-weight model: sampled lines are wrong steps to harvest
-    "harvest.num_actors=1",
-    "harvest.batch_size=16",
-    "harvest.max_new_tokens=48",
-    "coverage.n_samples=500",
-    "eval.max_problems=6",
-    "eval.max_errors=6",
-    "eval.num_actors=1",
-    "eval.use_gpu=false",
-    "eval.batch_size=16",
-    "eval.max_new_tokens=48",
-    "grpo.steps=2",
-    "grpo.group_size=2",
-    "grpo.prompts_per_step=4",
-    "grpo.max_new_tokens=32",
-    "grpo.eval_problems=4",
-    "eval.temperatures=[0.0,1.0]",
-    "tune.injection_rates=[0.2]",
-    "tune.max_steps=2",
-    "tune.eval_problems=4",
-    "tune.val_examples=8",
-]
-
-
-def paper_overrides(model_dir: str, lora: bool = False) -> list[str]:
-    return [*PAPER_TOY, f"model.path={model_dir}", f"model.lora={str(lora).lower()}"]
 
 
 def check_layout(out: str, cfg, timings: dict) -> None:

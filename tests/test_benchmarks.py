@@ -45,3 +45,17 @@ def test_pipeline_section_reads_manifest(tmp_path: Path) -> None:
     assert r["found"] and r["stages"]["multiplication/base"]["seconds"] == 549.0
     text = "\n".join(md_pipeline(r))
     assert "| ft | 952.0 |" in text and "| multiplication/base | 549.0 | done |" in text
+
+
+def test_gpu_check_throughput_part_runs_on_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_check.py's measuring half, on the CPU at nano size (the pipeline half is
+    the paper path the integration tier runs on CPU workers)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--skip-pipeline"]
+    cmd += ["--preset", "nano", "--batch", "2", "--seq", "32", "--steps", "1"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], cwd=REPO, env=env, timeout=300, capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| tokens/s | step s | MFU |" in text and "preset `nano`" in text
