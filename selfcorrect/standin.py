@@ -22,6 +22,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
+from selfcorrect import io
+
 # What each architecture's instruct tokenizer calls its special tokens, and its chat template
 # (the shape of Qwen2.5-Instruct's and Llama-3.2-Instruct's: user turn, then the assistant's).
 ARCHS: dict[str, dict[str, Any]] = {
@@ -144,16 +146,17 @@ def make_standin(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    stage = io.staging_dir(out_dir)  # written whole, then moved into place in one rename
+    model.save_pretrained(stage, safe_serialization=True)
+    tok.save_pretrained(stage)
     # The class the hub model's tokenizer_config.json names, so loading takes the same path.
-    cfg_file = os.path.join(out_dir, "tokenizer_config.json")
+    cfg_file = os.path.join(stage, "tokenizer_config.json")
     with open(cfg_file) as f:
         tok_cfg = json.load(f)
     tok_cfg["tokenizer_class"] = spec["tokenizer_class"]
     with open(cfg_file, "w") as f:
         json.dump(tok_cfg, f, indent=2)
+    io.replace_dir(stage, out_dir)
     return out_dir
 
 
