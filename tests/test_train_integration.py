@@ -148,6 +148,20 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(
     changed = {k for k in before if "embed" not in k and not torch.equal(before[k], after[k])}
     if case == "zero3":
         assert changed == {k for k in before if "embed" not in k}, "a shard was not gathered"
+        # EIFT under ZeRO-3 from the gathered FT model, as the methods start from FT's peers.
+        eift_out = os.path.join(str(tmp_path), "eift")
+        last = train.train_one(
+            cfg,
+            "multiplication",
+            "eift",
+            eift_out,
+            train_path=train.data_path(run_dir, "multiplication"),
+            init_model_path=out,
+            max_steps=4,
+        )
+        assert last["step"] == 4 and "loss_recognition" in last
+        eift = _weights(eift_out)
+        assert all(not torch.equal(eift[k], after[k]) for k in changed), "EIFT left FT as is"
     else:  # LoRA: only the adapted attention projections moved, merged into their weights
         assert changed and all(
             k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for k in changed
