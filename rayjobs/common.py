@@ -208,6 +208,16 @@ def stage_done(ctx: JobContext, key: str, config_hash: str) -> bool:
     )
 
 
+def record_stage(ctx: JobContext, key: str, rec: dict[str, Any]) -> None:
+    """Set one stage's manifest record (stages whose runs another driver call makes, e.g.
+    the models of one training chain)."""
+
+    def record(m: dict[str, Any]) -> None:
+        m["stages"][key] = rec
+
+    update_manifest(ctx, record)
+
+
 @contextlib.contextmanager
 def stage(ctx: JobContext, key: str, config_hash: str) -> Iterator[dict[str, Any]]:
     """Record a stage in the manifest: running -> done (with artifacts and seconds) or failed.

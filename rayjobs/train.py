@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,11 @@ from rayjobs.common import (
     init_ray,
     job_main,
     parse_args,
-    run_stage,
+    record_stage,
     save_resolved_config,
+    stage_done,
 )
-from selfcorrect import io
+from selfcorrect import console, io
 from selfcorrect.config import Config, ConfigError, config_from_dict
 
 ONPOLICY_COLUMNS = ["prompt", "prefix_steps", "wrong_step", "error_type"]
@@ -150,6 +151,106 @@ def _ray_storage(out_dir: str) -> str:
     return str(p.with_name(f".{p.name}-ray"))
 
 
+@dataclasses.dataclass
+class ModelJob:
+    """One model to train: what ``train_chain`` needs to train and publish it."""
+
+    method: str  # ft / eift / hybrid / insec ("base" models train as ft)
+    out_dir: str  # where the model is published (save_pretrained + metrics + train_state)
+    cfg: Config
+    model_hash: str  # what the model depends on; a published model with it is not retrained
+    label: str | None = None  # the model's name in logs (default: method)
+    init_model_path: str | None = None  # start from this model instead of a random init
+    onpolicy_path: str | None = None  # hybrid: the harvest of the FT model on train
+    max_steps: int | None = None  # overrides cfg.train.max_steps
+
+
+def train_chain(
+    task_name: str,
+    jobs: list[ModelJob],
+    *,
+    train_path: str,
+    run_name: str | None = None,
+    callbacks: list[Any] | None = None,
+    crash: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``jobs`` one after another in ONE Ray Train run and publish each to its out_dir.
+
+    A Ray Train run pays its start-up (controller, placement group, worker processes,
+    process group) once, however many models it trains: the base and FT models of a task
+    are one chain, its methods another. A later job may start from an earlier one's
+    out_dir (FT from the base): rank 0 publishes each model before the next starts.
+    Restarts (``FailureConfig``, or the same chain run again) skip published models and
+    resume the current one from its checkpoint. Workers and resources come from the first
+    job's config. Ray must be initialised. Returns each job's last metrics (the full
+    history is in ``out_dir/metrics.json`` and ``metrics.parquet``).
+    """
+    from selfcorrect.training import METHODS, published_state
+
+    if not jobs:
+        return []
+    prompts = io.read_parquet(train_path, required=["prompt"]).column("prompt").to_pylist()
+    specs = []
+    for j in jobs:
+        if j.method not in METHODS:
+            raise ConfigError(f"unknown method {j.method!r}; choose from {', '.join(METHODS)}")
+        check_shape(j.cfg)
+        init = j.init_model_path
+        if init is not None and not io.is_uri(init):
+            init = str(Path(init).absolute())  # workers have another cwd
+        onpolicy = None
+        if j.method == "hybrid":
+            if j.onpolicy_path is None:
+                raise ValueError("hybrid needs onpolicy_path (the harvest of the FT model)")
+            onpolicy = load_onpolicy(j.onpolicy_path)
+        # A model trained earlier in this chain does not exist yet: check with the
+        # tokenizer it will have, the configured one's.
+        ready = init if init is None or io.exists(io.join(init, "config.json")) else None
+        preflight(j.cfg, task_name, j.method, prompts, onpolicy, ready)
+        out = j.out_dir if io.is_uri(j.out_dir) else str(Path(j.out_dir).absolute())
+        specs.append(
+            {
+                "cfg": j.cfg.to_dict(),
+                "method": j.method,
+                "label": j.label or j.method,
+                "onpolicy": onpolicy,
+                "init_model_path": init,
+                "max_steps": j.max_steps,
+                "probe_items": probe_items_for(j.cfg, task_name, j.method, train_path),
+                "out_dir": out,
+                "model_hash": j.model_hash,
+            }
+        )
+    labels = "+".join(s["label"] for s in specs)
+    chain_hash = hashlib.sha256("".join(j.model_hash for j in jobs).encode()).hexdigest()[:16]
+    # The chain's checkpoints: a hidden sibling of its first model's directory.
+    storage = _ray_storage(str(Path(jobs[0].out_dir).with_name(labels)))
+    if io.is_uri(jobs[0].out_dir):
+        storage = _ray_storage(jobs[0].out_dir.rstrip("/") + "-" + labels)
+    trainer = make_trainer(
+        jobs[0].cfg,
+        {"task": task_name, "prompts": prompts, "crash": crash, "chain": specs},
+        name=run_name or f"{task_name}-{labels}-{chain_hash}",
+        storage_path=storage,
+        callbacks=callbacks,
+    )
+    t0 = time.time()
+    trainer.fit()
+    out = []
+    for j, spec in zip(jobs, specs, strict=True):
+        state = published_state(spec["out_dir"], j.model_hash)
+        if state is None:
+            raise RuntimeError(f"training {task_name}/{spec['label']} finished unpublished")
+        history = io.read_json(io.join(spec["out_dir"], "metrics.json"))
+        out.append({**(history[-1] if history else {}), "_state": state})
+    if not io.is_uri(storage):
+        shutil.rmtree(storage, ignore_errors=True)  # superseded by the published models
+    first = min((o["_state"].get("started", t0) for o in out), default=t0)
+    for o in out:  # Ray Train's start-up: from fit() to the first model's first step
+        o["_state"]["chain_startup_s"] = round(max(0.0, first - t0), 2)
+    return out
+
+
 def train_one(
     cfg: Config,
     task_name: str,
@@ -164,51 +265,34 @@ def train_one(
     callbacks: list[Any] | None = None,
     crash: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` on ``task_name`` with Ray Train and publish the model to ``out_dir``.
+    """Train ``method`` on ``task_name`` with Ray Train and publish the model to ``out_dir``
+    (a chain of one: ``train_chain``).
 
     train_path: the task's ``data/train.parquet``; onpolicy_path: harvest table (hybrid);
     init_model_path: start from this model instead of a random init (tune ``init: ft``);
     max_steps: overrides ``train.max_steps``; callbacks: Ray Train ``UserCallback``s (e.g.
     ``ray.tune.integration.ray_train.TuneReportCallback`` inside a Tune trial); crash: test
-    hook ``{"rank", "step", "marker"}``. Ray must be initialised. Returns the last metrics
-    (the full history is in ``out_dir/metrics.json`` and ``metrics.parquet``).
+    hook ``{"rank", "step", "marker"}``. Ray must be initialised. Returns the last metrics.
     """
-    from selfcorrect.training import METHODS
-
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    check_shape(cfg)
-    if init_model_path is not None and not io.is_uri(init_model_path):
-        init_model_path = str(Path(init_model_path).absolute())  # workers have another cwd
-    prompts = io.read_parquet(train_path, required=["prompt"]).column("prompt").to_pylist()
-    onpolicy = None
-    if method == "hybrid":
-        if onpolicy_path is None:
-            raise ValueError("hybrid needs onpolicy_path (the harvest of the FT model on train)")
-        onpolicy = load_onpolicy(onpolicy_path)
-    preflight(cfg, task_name, method, prompts, onpolicy, init_model_path)
-    probe = probe_items_for(cfg, task_name, method, train_path)
-    name = run_name or f"{task_name}-{method}-{train_hash(cfg, task_name, method)}"
-    trainer = make_trainer(
+    digest = _file_digest(onpolicy_path) if method == "hybrid" and onpolicy_path else None
+    key = json.dumps([train_hash(cfg, task_name, method, digest), init_model_path, max_steps])
+    job = ModelJob(
+        method,
+        out_dir,
         cfg,
-        {
-            "cfg": cfg.to_dict(),
-            "task": task_name,
-            "method": method,
-            "prompts": prompts,
-            "onpolicy": onpolicy,
-            "init_model_path": init_model_path,
-            "max_steps": max_steps,
-            "crash": crash,
-            "probe_items": probe,
-        },
-        name=name,
-        storage_path=_ray_storage(out_dir),
-        callbacks=callbacks,
+        # Called directly, a model is trained afresh: a time stamp keeps an older model with
+        # the same settings from being taken as this one.
+        hashlib.sha256(f"{key}{time.time_ns()}".encode()).hexdigest()[:16],
+        init_model_path=init_model_path,
+        onpolicy_path=onpolicy_path,
+        max_steps=max_steps,
     )
-    result = trainer.fit()
-    history = publish_final(result, out_dir, "train_state.json", f"training {task_name}/{method}")
-    return history[-1] if history else {}
+    name = run_name or f"{task_name}-{method}-{train_hash(cfg, task_name, method)}"
+    (last,) = train_chain(
+        task_name, [job], train_path=train_path, run_name=name, callbacks=callbacks, crash=crash
+    )
+    last.pop("_state", None)
+    return last
 
 
 def probe_items_for(cfg: Config, task_name: str, method: str, train_path: str) -> list[dict]:
@@ -266,44 +350,18 @@ def make_trainer(
 
 
 def publish_final(result: Any, out_dir: str, state_name: str, what: str) -> list[dict[str, Any]]:
-    """Publish the model in a Ray Train result's final checkpoint to ``out_dir`` atomically,
-    with metrics.json/parquet and ``state_name`` (steps, resumes); returns the metric history.
-
-    Shared by training and GRPO: both checkpoint ``MODEL_DIR`` + ``STATE_FILE``.
-    """
-    from selfcorrect.training import MODEL_DIR, STATE_FILE
+    """Publish the model in a Ray Train result's final checkpoint to ``out_dir`` atomically
+    (``training.publish_checkpoint``); returns the metric history. Used by GRPO, whose
+    driver publishes (supervised chains publish from rank 0 as each model finishes)."""
+    from selfcorrect.training import publish_checkpoint
 
     if result.checkpoint is None:
         raise RuntimeError(f"{what} finished without a final checkpoint")
-    local_out = not io.is_uri(out_dir)
     with result.checkpoint.as_directory() as d:
-        state = json.loads(Path(d, STATE_FILE).read_text())
-        stage = io.staging_dir(out_dir) if local_out else tempfile.mkdtemp(prefix="publish-")
-        shutil.rmtree(stage)
-        shutil.copytree(Path(d, MODEL_DIR), stage)
-    history = state["history"]
-    _write_metrics(stage, history)
-    Path(stage, state_name).write_text(
-        json.dumps({"steps": state["step"], "resumed_at": state.get("resumes", [])}, indent=2)
-    )
-    if local_out:
-        io.replace_dir(stage, out_dir)
+        history = publish_checkpoint(d, out_dir, state_name)
+    if not io.is_uri(out_dir):
         shutil.rmtree(_ray_storage(out_dir), ignore_errors=True)  # superseded by the model
-    else:
-        io.upload_dir(stage, out_dir)
-        shutil.rmtree(stage, ignore_errors=True)
     return history
-
-
-def _write_metrics(d: str, history: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    Path(d, "metrics.json").write_text(json.dumps(history, indent=2))
-    cols = sorted({k for h in history for k in h})
-    pq.write_table(
-        pa.table({c: [h.get(c) for h in history] for c in cols}), str(Path(d, "metrics.parquet"))
-    )
 
 
 def tune_trainable(config: dict[str, Any]) -> None:
@@ -336,19 +394,18 @@ def _file_digest(path: str) -> str | None:
     return hashlib.sha256(io.read_bytes(path)).hexdigest()[:16] if io.exists(path) else None
 
 
-def train_base(ctx: JobContext, name: str) -> str | None:
-    """The shared base model of ``name`` (clean traces, ``train.base_steps`` steps), trained once.
+def base_job(ctx: JobContext, name: str) -> ModelJob | None:
+    """The shared base model of task ``name`` (clean traces, ``train.base_steps`` steps).
 
     Every method fine-tunes from it for the same ``train.max_steps``, so methods differ only
-    in their fine-tuning data, as when they all start from one pretrained LM. Returns its
-    directory, or None when ``train.base_steps`` is 0.
+    in their fine-tuning data, as when they all start from one pretrained LM. None when
+    ``train.base_steps`` is 0.
     """
     cfg = ctx.cfg
     t = cfg.train
     steps = t.base_steps_by_task.get(name, t.base_steps)
     if steps == 0:
         return None
-    rel = f"{name}/models/base"
     base_cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(
@@ -360,52 +417,100 @@ def train_base(ctx: JobContext, name: str) -> str | None:
             base_lr=0.0,
         ),
     )
+    out = ctx.path(f"{name}/models/base")
+    return ModelJob("ft", out, base_cfg, train_hash(base_cfg, name, "base"), label="base")
 
-    def build(rec: dict) -> None:
-        m = train_one(
-            base_cfg,
-            name,
-            "ft",
-            ctx.path(rel),
-            train_path=data_path(ctx.output_dir, name),
-            run_name=f"{name}-base-{train_hash(base_cfg, name, 'base')}",
+
+def task_jobs(ctx: JobContext, name: str) -> list[tuple[str, ModelJob]]:
+    """(manifest key, job) of every model this config trains for task ``name``, in order:
+    the base (if any), then ``train.methods``, each from the base."""
+    cfg = ctx.cfg
+    base = base_job(ctx, name)
+    jobs = [(f"{name}/base", base)] if base else []
+    pol = onpolicy_path(ctx.output_dir, name)
+    for method in cfg.train.methods:
+        digest = _file_digest(pol) if method == "hybrid" else None
+        job = ModelJob(
+            method,
+            model_dir(ctx.output_dir, name, method),
+            cfg,
+            train_hash(cfg, name, method, digest),
+            init_model_path=base.out_dir if base else None,
+            onpolicy_path=pol if method == "hybrid" else None,
         )
-        rec["artifacts"].append(rel)
-        print(f"[train] {name}/base: {ctx.path(rel)} (loss {m.get('loss', 0):.4f})")
-
-    run_stage(ctx, f"{name}/base", train_hash(base_cfg, name, "base"), build)
-    return ctx.path(rel)
+        jobs.append((f"{name}/{method}", job))
+    return jobs
 
 
 def run(ctx: JobContext) -> None:
-    """Train every ``train.methods`` model for every task (finished ones are skipped)."""
+    """Train every ``train.methods`` model for every task (finished ones are skipped): per
+    task, the models still to train are one chain in one Ray Train run (``train_chain``)."""
     cfg = ctx.cfg
     check_shape(cfg)
     init_ray(cfg)
     for name in cfg.tasks:
-        base = train_base(ctx, name)
-        for method in cfg.train.methods:
-            pol = onpolicy_path(ctx.output_dir, name)
-            digest = _file_digest(pol) if method == "hybrid" else None
+        pending = []
+        for key, job in task_jobs(ctx, name):
+            if stage_done(ctx, key, job.model_hash):
+                console.note(f"[skip] {key}: outputs exist for this config")
+            else:
+                pending.append((key, job))
+        if pending:
+            train_pending(ctx, name, pending)
 
-            def build(
-                rec: dict, name: str = name, method: str = method, pol: str = pol, base=base
-            ) -> None:
-                rel = f"{name}/models/{method}"
-                m = train_one(
-                    cfg,
-                    name,
-                    method,
-                    ctx.path(rel),
-                    train_path=data_path(ctx.output_dir, name),
-                    onpolicy_path=pol,
-                    init_model_path=base,
-                )
-                rec["artifacts"].append(rel)
-                rec["final"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-                print(f"[train] {name}/{method}: {ctx.path(rel)} (loss {m.get('loss', 0):.4f})")
 
-            run_stage(ctx, f"{name}/{method}", train_hash(cfg, name, method, digest), build)
+def train_pending(ctx: JobContext, name: str, pending: list[tuple[str, ModelJob]]) -> None:
+    """One chain; each model recorded in the manifest as its own stage (seconds of its own
+    training; the chain's Ray Train start-up as ``startup_s`` on the first)."""
+    keys = [k for k, _ in pending]
+    scope = f"{name}/" + "+".join(k.split("/", 1)[1] for k in keys)
+    started = time.time()
+    for key, job in pending:
+        record_stage(ctx, key, {"status": "running", "config_hash": job.model_hash, "chain": keys})
+    try:
+        with console.stage_scope(scope):
+            results = train_chain(
+                name, [j for _, j in pending], train_path=data_path(ctx.output_dir, name)
+            )
+    except BaseException:
+        from selfcorrect.training import published_state
+
+        for key, job in pending:  # a model published before the failure is done
+            state = published_state(job.out_dir, job.model_hash)
+            status = "done" if state else "failed"
+            record_stage(ctx, key, _record(ctx, job, keys, status, state, started))
+        raise
+    for (key, job), m in zip(pending, results, strict=True):
+        state = m.pop("_state")
+        rec = _record(ctx, job, keys, "done", state, started)
+        if key == keys[0]:
+            rec["startup_s"] = state.get("chain_startup_s")
+            rec["seconds"] = round(rec["seconds"] + (rec["startup_s"] or 0.0), 2)
+        rec["final"] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        record_stage(ctx, key, rec)
+        print(f"[train] {key}: {job.out_dir} (loss {m.get('loss', 0):.4f})")
+
+
+def _record(
+    ctx: JobContext,
+    job: ModelJob,
+    chain: list[str],
+    status: str,
+    state: dict[str, Any] | None,
+    started: float,
+) -> dict[str, Any]:
+    rel = job.out_dir[len(ctx.output_dir) :].lstrip("/")
+    state = state or {}
+    return {
+        "status": status,
+        "config_hash": job.model_hash,
+        "artifacts": [rel] if status == "done" else [],
+        "chain": chain,
+        "started": state.get("started", started),
+        "seconds": float(state.get("train_s", round(time.time() - started, 2))),
+        "compute_s": state.get("compute_s"),
+        "finished": state.get("finished", time.time()),
+    }
 
 
 @job_main

@@ -1185,11 +1185,19 @@ def _timings(run: Run) -> pd.DataFrame | None:
     stages = run.manifest.get("stages") or {}
     if not stages:
         return None
+
+    def secs(v: dict, key: str) -> str:
+        return f"{float(v[key]):.1f}" if v.get(key) is not None else "–"
+
     rows = [
         {
             "stage": k,
             "status": v.get("status", "?"),
-            "seconds": f"{float(v['seconds']):.1f}" if "seconds" in v else "–",
+            "seconds": secs(v, "seconds"),
+            # Training stages: Ray Train's start-up (the first model of a chain) and the
+            # optimizer steps alone; the rest is loading, probes and checkpoints.
+            "start-up s": secs(v, "startup_s"),
+            "steps s": secs(v, "compute_s"),
         }
         for k, v in stages.items()
     ]

@@ -33,6 +33,7 @@ crash under ``FailureConfig``, or the same run started again) resumes there.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -501,6 +502,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
     cfg = config_from_dict(config["cfg"])
     t = cfg.train
     task_name, method = config["task"], config["method"]
+    label = config.get("label") or method  # the model's name: "base" trains like "ft"
     rank, world = session.rank, session.world
     use_ray = isinstance(session, RaySession)
     if t.batch_size % (t.micro_batch_size * world):
@@ -525,14 +527,15 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
     stream = ExampleStream(cfg, task_name, method, config["prompts"], tok, config.get("onpolicy"))
 
     start, history, resumes = resume_from_checkpoint(
-        session, engine, rank, f"[train] {task_name}/{method}"
+        session, engine, rank, f"[train] {task_name}/{label}"
     )
 
     max_steps = int(config.get("max_steps") or t.max_steps)
     ckpt_every = t.checkpoint_every
     progress = console.Progress(config.get("console") if rank == 0 else None)
-    progress.total(max_steps)
-    progress.done(start)
+    offset = int(config.get("progress_offset") or 0)  # earlier models of a chain
+    progress.total(int(config.get("progress_total") or max_steps))
+    progress.done(offset + start)
     probe = config.get("probe_items") or []
     probe_every = t.probe_every if probe and t.zero_stage < 3 else 0
 
@@ -568,7 +571,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         grad_norm = engine.step()
         acc.steps += 1
         done = step + 1
-        progress.done(done)
+        progress.done(offset + done)
         out_of_time = bool(t.max_minutes) and (time.time() - t_start) / 60 >= t.max_minutes
         out_of_time = _all_max(float(out_of_time)) > 0  # every rank stops at the same step
         final = done == max_steps or out_of_time
@@ -588,7 +591,7 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
             history.append(last)
             if rank == 0:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}
-                print(f"[train] {task_name}/{method} step {done}/{max_steps} {shown}", flush=True)
+                print(f"[train] {task_name}/{label} step {done}/{max_steps} {shown}", flush=True)
             if due_ckpt:
                 checkpoint(done, last, final)
             else:
@@ -710,10 +713,154 @@ def report_checkpoint(
         session.report(metrics, d)
 
 
+# ---------------------------------------------------------------------------
+# Chains: several models, one after another, in one Ray Train run
+# ---------------------------------------------------------------------------
+
+
+def write_metrics(d: str, history: list[dict[str, Any]]) -> None:
+    """The metric history as ``metrics.json`` and ``metrics.parquet`` (one row per report)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    Path(d, "metrics.json").write_text(json.dumps(history, indent=2))
+    cols = sorted({k for h in history for k in h})
+    pq.write_table(
+        pa.table({c: [h.get(c) for h in history] for c in cols}), str(Path(d, "metrics.parquet"))
+    )
+
+
+def publish_checkpoint(
+    ckpt_dir: str, out_dir: str, state_name: str, extra: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Publish a final checkpoint's model to ``out_dir`` atomically, with metrics.json/parquet
+    and ``state_name`` (steps, resumes, ``extra``); returns the metric history."""
+    import shutil
+
+    from selfcorrect import io
+
+    state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+    local_out = not io.is_uri(out_dir)
+    stage = io.staging_dir(out_dir) if local_out else tempfile.mkdtemp(prefix="publish-")
+    shutil.rmtree(stage)
+    shutil.copytree(Path(ckpt_dir, MODEL_DIR), stage)
+    history = state["history"]
+    write_metrics(stage, history)
+    published = {"steps": state["step"], "resumed_at": state.get("resumes", []), **(extra or {})}
+    Path(stage, state_name).write_text(json.dumps(published, indent=2))
+    if local_out:
+        io.replace_dir(stage, out_dir)
+    else:
+        io.upload_dir(stage, out_dir)
+        shutil.rmtree(stage, ignore_errors=True)
+    return history
+
+
+PUBLISHED_STATE = "train_state.json"  # in a published model dir: steps, resumes, model_hash
+CHAIN_FILE = "chain.json"  # in a chain's checkpoints: which model of the chain it holds
+
+
+def published_state(out_dir: str, model_hash: str) -> dict[str, Any] | None:
+    """The published model's state if ``out_dir`` holds this very model (same hash), else None."""
+    from selfcorrect import io
+
+    p = io.join(out_dir, PUBLISHED_STATE)
+    if not io.exists(p):
+        return None
+    state = io.read_json(p)
+    return state if state.get("model_hash") == model_hash else None
+
+
+class ChainSession:
+    """The session of one model of a chain (``run_chain``) inside the run's Ray Train session.
+
+    Its checkpoints name the model's place in the chain, and rank 0 publishes the final one to
+    the model's directory *before* reporting it: so a restarted run skips every published
+    model, resumes the one it was on from its own checkpoint, and the next model can start
+    from this one's directory.
+    """
+
+    def __init__(self, session: Any, index: int, resume_dir: str | None, job: dict) -> None:
+        self.session, self.index, self.job = session, index, job
+        self.rank, self.world = session.rank, session.world
+        self._resume = resume_dir
+        self.started = time.time()
+
+    def get_checkpoint_dir(self) -> str | None:
+        return self._resume
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        if checkpoint_dir is not None and self.rank == 0:
+            Path(checkpoint_dir, CHAIN_FILE).write_text(json.dumps({"index": self.index}))
+            state = json.loads(Path(checkpoint_dir, STATE_FILE).read_text())
+            if state["final"]:
+                extra = {
+                    "model_hash": self.job["model_hash"],
+                    "started": self.started,
+                    "finished": time.time(),
+                    # wall time of this model (load, steps, probes, checkpoints) ...
+                    "train_s": round(time.time() - self.started, 2),
+                    # ... and of its optimizer steps alone
+                    "compute_s": round(step_seconds(state["history"]), 2),
+                }
+                publish_checkpoint(checkpoint_dir, self.job["out_dir"], PUBLISHED_STATE, extra)
+        self.session.report(metrics, checkpoint_dir)
+
+
+def step_seconds(history: list[dict[str, Any]]) -> float:
+    """Seconds spent in training steps: each logged window's steps x its seconds per step."""
+    total, prev = 0.0, 0
+    for h in history:
+        if "step_s" in h:
+            total += (int(h["step"]) - prev) * float(h["step_s"])
+        prev = int(h["step"])
+    return total
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def run_chain(config: dict[str, Any], session: Any) -> dict[str, Any]:
+    """Train ``config["chain"]``'s models one after another in this worker group.
+
+    Each entry is a ``run_training`` config of its own (cfg, method, init_model_path,
+    max_steps, onpolicy, probe_items) plus ``out_dir`` and ``model_hash``; the rest of
+    ``config`` (task, prompts, console, crash) is shared. One Ray Train start-up for the
+    chain instead of one per model; each model keeps its own schedule, seed, data stream and
+    checkpoints, so it comes out as it would from a run of its own. Returns the last model's
+    final metrics.
+    """
+    jobs = config["chain"]
+    shared = {k: v for k, v in config.items() if k != "chain"}
+    resume = session.get_checkpoint_dir()
+    at = 0
+    if resume and Path(resume, CHAIN_FILE).exists():
+        at = int(json.loads(Path(resume, CHAIN_FILE).read_text())["index"])
+    steps = [int(j.get("max_steps") or j["cfg"]["train"]["max_steps"]) for j in jobs]
+    last: dict[str, Any] = {}
+    for k, job in enumerate(jobs):
+        # Every rank decides alike (rank 0 may see its own publish first on a shared disk).
+        done = published_state(job["out_dir"], job["model_hash"]) is not None
+        if _all_max(float(done)) > 0:
+            continue
+        sub = ChainSession(session, k, resume if k == at else None, job)
+        progress = {"progress_offset": sum(steps[:k]), "progress_total": sum(steps)}
+        last = run_training({**shared, **job, **progress}, sub)
+        gc.collect()  # this model's engine and optimizer before the next one's
+        _barrier()  # the next model may start from this one's published directory
+    return last
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, ...)``)."""
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker, ...)``): one model, or a
+    chain of models (``config["chain"]``) trained one after another by the same workers."""
     console.attach_worker(config.get("console"))  # quiet mode: output to the stage's log
-    run_training(config, RaySession())
+    if "chain" in config:
+        run_chain(config, RaySession())
+    else:
+        run_training(config, RaySession())
 
 
 def train_local(

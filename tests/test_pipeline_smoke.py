@@ -72,10 +72,18 @@ def test_quiet_console_and_stage_logs(smoke):
     assert f"report: {os.path.join(out, 'report.md')}" in printed
     logs = os.path.join(out, "logs")
     for task in cfg.tasks:
-        train_log = open(os.path.join(logs, task, "ft.log")).read()
+        # base and FT are one Ray Train run (a chain), logged as one stage
+        train_log = open(os.path.join(logs, task, "base+ft.log")).read()
         assert f"[train] {task}/ft step {cfg.train.max_steps}/{cfg.train.max_steps}" in train_log
         assert "'loss'" in train_log
-        for rel in ("harvest/ft-train.log", "eval/eift.log", "grpo.log", "tune.log"):
+        assert f"[train] {task}/base step" in train_log
+        for rel in (
+            "eift+hybrid+insec.log",
+            "harvest/ft-train.log",
+            "eval/eift.log",
+            "grpo.log",
+            "tune.log",
+        ):
             assert os.path.getsize(os.path.join(logs, task, rel)) > 0, f"{task}/{rel}"
     assert os.path.exists(os.path.join(logs, "ray.log"))
 

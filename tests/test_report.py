@@ -107,7 +107,17 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
     )
     io.write_json(
         io.join(root, "manifest.json"),
-        {"stages": {"multiplication/data": {"status": "done", "seconds": 1.5}}},
+        {
+            "stages": {
+                "multiplication/data": {"status": "done", "seconds": 1.5},
+                "multiplication/base": {
+                    "status": "done",
+                    "seconds": 61.25,
+                    "startup_s": 17.5,
+                    "compute_s": 38.25,
+                },
+            }
+        },
     )
     items = []
     for task, types in TYPES.items():
@@ -326,6 +336,8 @@ def test_write_report_all_sections(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"figures/{name}.png" in text
     assert "multiplication/data" in text  # stage timings from the manifest
+    # a training stage: wall, Ray Train start-up, optimizer steps
+    assert "| multiplication/base | done | 61.2 | 17.5 | 38.2 |" in text
 
 
 def test_report_skips_absent_inputs_with_a_note(tmp_path):

@@ -65,11 +65,14 @@ def test_ft_and_eift_train_under_zero2_with_two_workers(ray_session, smoke_cfg, 
             assert not torch.equal(p, q), f"{method}: {name} did not change"
         out = generate(model, tok, ["12*34\n"], max_new_tokens=20)
         assert len(out) == 1 and out[0]
-        assert not os.path.exists(
-            os.path.join(run_dir, "multiplication", "models", f".{method}-ray")
-        )
+    models = os.path.join(run_dir, "multiplication", "models")
+    assert sorted(os.listdir(models)) == ["base", "eift", "ft"]  # no checkpoints left behind
     stages = read_manifest(ctx)["stages"]
-    assert stages["multiplication/ft"]["status"] == "done"
+    # base, FT and EIFT: one Ray Train run, each model its own manifest record
+    chain = ["multiplication/base", "multiplication/ft", "multiplication/eift"]
+    for key in chain:
+        assert stages[key]["status"] == "done" and stages[key]["chain"] == chain
+    assert stages[chain[0]]["startup_s"] > 0
     # Same config again: both methods are skipped, the models stay as they are.
     mtime = os.path.getmtime(os.path.join(run_dir, "multiplication", "models", "ft"))
     train.run(ctx)
@@ -122,14 +125,17 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(
     cfg = dataclasses.replace(cfg, model=model_cfg)
     marker = tmp_path / "crashed"
     out = os.path.join(str(tmp_path), "model")
-    last = train.train_one(
-        cfg,
+    eift_out = os.path.join(str(tmp_path), "eift")
+    jobs = [train.ModelJob(method, out, cfg, "under-test")]
+    if case == "zero3":  # then EIFT from the gathered model, in the same Ray Train run (chain)
+        jobs.append(train.ModelJob("eift", eift_out, cfg, "eift", init_model_path=out, max_steps=4))
+    results = train.train_chain(
         "multiplication",
-        method,
-        out,
+        jobs,
         train_path=train.data_path(run_dir, "multiplication"),
         crash={"rank": 1, "step": 6, "marker": str(marker)},
     )
+    last = results[0]
     assert marker.exists(), "the crash hook never fired"
     assert last["step"] == 10
     state = json.load(open(os.path.join(out, "train_state.json")))
@@ -148,18 +154,10 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(
     changed = {k for k in before if "embed" not in k and not torch.equal(before[k], after[k])}
     if case == "zero3":
         assert changed == {k for k in before if "embed" not in k}, "a shard was not gathered"
-        # EIFT under ZeRO-3 from the gathered FT model, as the methods start from FT's peers.
-        eift_out = os.path.join(str(tmp_path), "eift")
-        last = train.train_one(
-            cfg,
-            "multiplication",
-            "eift",
-            eift_out,
-            train_path=train.data_path(run_dir, "multiplication"),
-            init_model_path=out,
-            max_steps=4,
-        )
+        # EIFT under ZeRO-3 from the gathered FT model, after it in the same chain.
+        last = results[1]
         assert last["step"] == 4 and "loss_recognition" in last
+        assert json.load(open(os.path.join(eift_out, "train_state.json")))["resumed_at"] == []
         eift = _weights(eift_out)
         assert all(not torch.equal(eift[k], after[k]) for k in changed), "EIFT left FT as is"
     else:  # LoRA: only the adapted attention projections moved, merged into their weights

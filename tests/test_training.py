@@ -326,3 +326,90 @@ def test_a_task_model_hash_follows_only_its_own_base_budget():
     assert h("sudoku") != h("sudoku", other_task)
     assert h("sudoku", "train.base_steps_by_task={sudoku: 100}") == h("sudoku")
     assert h("multiplication", "train.base_lr=0.01") != h("multiplication")
+
+
+# --------------------------------------------------------------------------- chains
+
+
+def _chain_job(cfg, out: str, method: str, init: str | None, steps: int) -> dict:
+    return {
+        "cfg": cfg.to_dict(),
+        "method": method,
+        "label": os.path.basename(out),
+        "init_model_path": init,
+        "max_steps": steps,
+        "out_dir": out,
+        "model_hash": f"hash-{os.path.basename(out)}",
+    }
+
+
+def test_a_chain_trains_each_model_as_its_own_run_would_and_resumes_mid_chain(
+    mul_prompts, tmp_path
+):
+    """One worker group trains base then EIFT-from-base (``run_chain``): each model is
+    published before the next starts and is bit-identical to the model a run of its own
+    gives; a restart from a checkpoint of the second model skips the published first one and
+    resumes the second where it was."""
+    from selfcorrect.models import load_model
+    from selfcorrect.training import published_state, run_chain
+
+    cfg = _cfg("train.checkpoint_every=3", "train.injection_rate=0.5")
+    base, eift = str(tmp_path / "models" / "base"), str(tmp_path / "models" / "eift")
+    config = {
+        "task": "multiplication",
+        "prompts": mul_prompts,
+        "chain": [
+            _chain_job(cfg, base, "ft", None, 4),
+            _chain_job(cfg, eift, "eift", base, 6),
+        ],
+    }
+    session = LocalSession(str(tmp_path / "chain"))
+    last = run_chain(config, session)
+    assert last["step"] == 6
+    assert [r["step"] for r in session.reports] == [1, 2, 3, 4, 1, 2, 3, 4, 5, 6]
+    for out in (base, eift):
+        state = published_state(out, f"hash-{os.path.basename(out)}")
+        assert state is not None and state["train_s"] > 0
+        assert published_state(out, "another-hash") is None
+    # The same two models, each trained alone.
+    _, alone_base = train_local(
+        cfg, "multiplication", "ft", mul_prompts, max_steps=4, checkpoint_root=str(tmp_path / "a")
+    )
+    alone_base_dir = os.path.join(alone_base.latest, "model")
+    _, alone_eift = train_local(
+        cfg,
+        "multiplication",
+        "eift",
+        mul_prompts,
+        init_model_path=alone_base_dir,
+        max_steps=6,
+        checkpoint_root=str(tmp_path / "b"),
+    )
+    for chained, alone in (
+        (base, alone_base_dir),
+        (eift, os.path.join(alone_eift.latest, "model")),
+    ):
+        a, b = load_model(chained)[0].state_dict(), load_model(alone)[0].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{chained} differs from its own run"
+
+    # Restart from the eift checkpoint at step 3 (the chain's 2nd checkpoint of that model).
+    ckpts = sorted(p for p in os.listdir(session.root) if p.startswith("checkpoint_"))
+    at3 = [
+        c for c in ckpts if 'index": 1' in open(os.path.join(session.root, c, "chain.json")).read()
+    ][0]
+    before = load_model(eift)[0].state_dict()
+    shutil.rmtree(eift)
+    restarted = LocalSession(str(tmp_path / "restarted"))
+    restarted.latest = os.path.join(session.root, at3)
+    run_chain(config, restarted)
+    assert [r["step"] for r in restarted.reports] == [4, 5, 6]  # base skipped, eift resumed
+    assert published_state(eift, "hash-eift")["resumed_at"] == [3]
+    after = load_model(eift)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_step_seconds_sums_each_logged_window():
+    from selfcorrect.training import step_seconds
+
+    history = [{"step": 10, "step_s": 0.5}, {"step": 25, "step_s": 0.2}, {"step": 25}]
+    assert step_seconds(history) == pytest.approx(10 * 0.5 + 15 * 0.2)
