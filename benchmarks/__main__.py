@@ -1,6 +1,6 @@
 """Run every benchmark on this machine and rewrite BENCHMARKS.md.
 
-    python -m benchmarks [--only train,generation,grpo,coverage,pipeline] [--quick]
+    python -m benchmarks [--only train,compile,generation,grpo,coverage,pipeline] [--quick]
                          [--out BENCHMARKS.md] [--tiny-run runs/tiny] [--threads 2]
 
 Every figure in the file is a ratio measured side by side in this one run (the sides
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_info, load_avg  # noqa: E402
 
-NAMES = ("train", "generation", "grpo", "coverage", "pipeline")
+NAMES = ("train", "compile", "generation", "grpo", "coverage", "pipeline")
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -42,6 +42,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
     if quick:
         return {
             "train": dict(steps=2, rounds=1, threads=threads),
+            "compile": dict(steps=2, rounds=1, threads=threads, overrides=["model.preset=nano"]),
             "generation": dict(
                 n=8, n_single=2, max_new_tokens=16, batch_size=8, rounds=1, threads=threads
             ),
@@ -60,6 +61,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
         }
     return {
         "train": dict(steps=3, rounds=5, threads=threads),
+        "compile": dict(steps=10, rounds=3, threads=threads),
         "generation": dict(
             n=32, n_single=4, max_new_tokens=64, batch_size=32, rounds=2, threads=threads
         ),
@@ -75,6 +77,8 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
 def _runner(name: str) -> Callable[..., dict[str, Any]]:
     if name == "train":
         from benchmarks.bench_train import run
+    elif name == "compile":
+        from benchmarks.bench_compile import run
     elif name == "generation":
         from benchmarks.bench_generation import run
     elif name == "grpo":
@@ -371,8 +375,46 @@ def md_pipeline(r: dict[str, Any]) -> list[str]:
     return lines + _table(["stage", "seconds", "status"], rows)
 
 
+def md_compile(r: dict[str, Any]) -> list[str]:
+    st, cc, e2e = r["steady"], r["compile_cost"], r["end_to_end"]
+    t = st["tokens_per_s"]
+    per = ", ".join(
+        f"{a / b:.2f}" for a, b in zip(st["rates"]["compiled"], st["rates"]["eager"], strict=True)
+    )
+    shapes = ", ".join(f"{b}x{n}" for b, n in st["shapes"])
+    lines = [
+        f"`benchmarks/bench_compile.py`: `train.compile` on `{r['config']}` ({r['task']} "
+        f"`{r['method']}` examples, {r['threads']} threads, bf16 {'on' if st['bf16'] else 'off'}"
+        f"). Steady state: a bare forward/backward/AdamW loop over the same {r['steps']} "
+        f"batches (one micro-batch per step, padded to multiples of {st['pad_to']}: shapes "
+        f"{shapes}), every shape compiled in a warm-up pass, {r['rounds']} alternating rounds.",
+        "",
+    ]
+    lines += _table(
+        ["side", "tokens/s", "compiled / eager"],
+        [
+            ["eager", _n(t["eager"]), ""],
+            ["`torch.compile`", _n(t["compiled"]), _x(st["compiled_over_eager"])],
+        ],
+    )
+    lines += [
+        "",
+        f"Per-round ratios: {per}. Compile cost of one shape, from process start to the end "
+        f"of the first step: {cc['fresh_process_s']:.1f} s in a fresh process (empty Inductor "
+        f"cache), {cc['warm_cache_process_s']:.1f} s in a second process that finds that cache, "
+        f"{cc['eager_process_s']:.1f} s for the same process without compiling.",
+        "",
+        f"End to end (`run_training`, micro-batches of {e2e['micro_batch_size']} as the preset "
+        f"runs them, {r['steps'] + 1} steps from a fresh model, compilation included): "
+        f"{_x(e2e['compiled_over_eager'])} the steps/s of eager. This is why `train.compile` is "
+        "off by default on CPU: a run must amortise one compile per padded shape per process.",
+    ]
+    return lines
+
+
 RENDER = {
     "train": ("Supervised training (EIFT, masked loss)", md_train),
+    "compile": ("Compiled training (`train.compile`)", md_compile),
     "generation": ("Generation (harvest / eval)", md_generation),
     "grpo": ("GRPO step", md_grpo),
     "coverage": ("Coverage sampling", md_coverage),
@@ -399,6 +441,14 @@ def headline(results: dict[str, Any]) -> list[str]:
             f"training tokens/s, sorted micro-batches of {lg['micro_batch_size']}",
             "one padded batch (same loop)",
             lg.get("grouped_over_whole"),
+        )
+    c = results.get("compile", {})
+    if isinstance(c.get("steady"), dict):
+        add(
+            "training tokens/s, compiled, same batches", "eager", c["steady"]["compiled_over_eager"]
+        )
+        add(
+            "training steps/s, compiled end to end", "eager", c["end_to_end"]["compiled_over_eager"]
         )
     g = results.get("generation", {})
     if "ours_over_single" in g:

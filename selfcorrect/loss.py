@@ -167,9 +167,13 @@ def encode_example(
     }
 
 
-def collate(batch: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded examples; padding carries zero weight and no attention."""
-    T = max(len(b["input_ids"]) for b in batch)
+def collate(
+    batch: list[dict[str, np.ndarray]], pad_id: int, pad_to: int = 1
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples to the longest, rounded up to a multiple of
+    ``pad_to`` (compiled training: few distinct shapes); padding carries zero weight and no
+    attention."""
+    T = -(-max(len(b["input_ids"]) for b in batch) // pad_to) * pad_to
     B = len(batch)
     out = {
         "input_ids": torch.full((B, T), pad_id, dtype=torch.long),

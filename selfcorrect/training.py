@@ -333,6 +333,13 @@ class Engine:
             else:
                 self.wrapped = model
         self._n_micro = n_micro
+        if t.compile:
+            from torch import _dynamo
+
+            # One graph per padded micro-batch shape: allow every shape max_length can give.
+            shapes = -(-cfg.model.max_length // t.compile_pad_to) + 1
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, shapes)
+            self.wrapped = torch.compile(self.wrapped, dynamic=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.wrapped(
@@ -551,8 +558,10 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
     for step in range(start, max_steps):
         _maybe_crash(config.get("crash"), step, rank)
         examples = stream.local_batch(step, rank, world)
+        pad_to = t.compile_pad_to if t.compile else 1
         micro = [
-            collate(mb, tok.pad_token_id) for mb in length_grouped(examples, t.micro_batch_size)
+            collate(mb, tok.pad_token_id, pad_to)
+            for mb in length_grouped(examples, t.micro_batch_size)
         ]
         local_w = sum(float(b["loss_weight"][:, 1:].sum()) for b in micro)
         norm = global_weight_sum(torch.tensor(local_w, device=device))

@@ -30,6 +30,25 @@ def test_runner_writes_machine_line_and_ratio_table(tmp_path: Path) -> None:
     assert "## Notes" in text  # hand-written notes appended
 
 
+def test_compile_benchmark_runs_and_renders(tmp_path: Path) -> None:
+    """The compile benchmark on the nano model: both sides, the compile-cost processes and
+    the end-to-end loop run, and the section and summary rows render."""
+    out = tmp_path / "BENCHMARKS.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "compile", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=900,
+        capture_output=True,
+    )
+    text = out.read_text()
+    assert "## Compiled training (`train.compile`)" in text
+    assert "| `torch.compile` |" in text and "in a fresh process (empty Inductor cache)" in text
+    assert "| training tokens/s, compiled, same batches | eager |" in text
+
+
 def test_pipeline_section_reads_manifest(tmp_path: Path) -> None:
     import json
 

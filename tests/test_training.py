@@ -413,3 +413,52 @@ def test_step_seconds_sums_each_logged_window():
 
     history = [{"step": 10, "step_s": 0.5}, {"step": 25, "step_s": 0.2}, {"step": 25}]
     assert step_seconds(history) == pytest.approx(10 * 0.5 + 15 * 0.2)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_compiled_training_compiles_each_shape_once_and_matches_eager(mul_prompts, tmp_path):
+    """``train.compile``: micro-batches padded to multiples of ``compile_pad_to`` give a few
+    shapes; Dynamo compiles each exactly once (no recompilation after warm-up, probes' eval
+    mode switches included) and the losses are the eager loop's."""
+    from torch._dynamo.utils import counters
+
+    from selfcorrect.loss import collate
+    from selfcorrect.models import load_tokenizer
+    from selfcorrect.probes import probe_items
+    from selfcorrect.training import length_grouped
+
+    opts = ("train.micro_batch_size=8", "train.batch_size=16", "train.checkpoint_every=0")
+    eager_cfg = _cfg(*opts, "train.probe_every=3")
+    cfg = _cfg(*opts, "train.probe_every=3", "train.compile=true", "train.compile_pad_to=32")
+    task = get_task("multiplication", digits_a=2, digits_b=2)
+    test_rows = make_splits(task, 64, 8, 0)["test"].to_pylist()
+    probe = probe_items(task, test_rows, None, 0, 4, None)
+    steps = 6
+    eager, _ = train_local(
+        eager_cfg, "multiplication", "eift", mul_prompts, max_steps=steps, probe_items=probe
+    )
+    before = counters["stats"]["unique_graphs"]
+    compiled, session = train_local(
+        cfg,
+        "multiplication",
+        "eift",
+        mul_prompts,
+        max_steps=steps,
+        probe_items=probe,
+        checkpoint_root=str(tmp_path),
+    )
+    graphs = counters["stats"]["unique_graphs"] - before
+    # The shapes the run saw, from the same data stream and padding.
+    tok = load_tokenizer(os.path.join(session.latest, "model"))
+    stream = ExampleStream(cfg, "multiplication", "eift", mul_prompts, tok)
+    shapes = {
+        tuple(collate(mb, tok.pad_token_id, 32)["input_ids"].shape)
+        for s in range(steps)
+        for mb in length_grouped(stream.local_batch(s, 0, 1), 8)
+    }
+    assert all(T % 32 == 0 for _, T in shapes)
+    assert graphs == len(shapes), f"{graphs} graphs for shapes {sorted(shapes)}: a recompile"
+    assert "probe_synthetic_recognition" in compiled  # the probe ran between compiled steps
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-3)

@@ -1,0 +1,187 @@
+"""Compiled vs eager training (``train.compile``): steady-state speed, compile cost, end to end.
+
+    python benchmarks/bench_compile.py [--config configs/tiny.yaml] [--steps 10] [--rounds 3]
+
+Three measurements, each a ratio taken in this one run:
+
+* **steady state, same batches**: a bare forward/backward/AdamW loop (bf16 autocast where
+  the CPU has it) over the same pre-collated EIFT batches (the whole batch in one
+  micro-batch, padded to a multiple of ``train.compile_pad_to``), eager against
+  ``torch.compile``; every shape is compiled in a warm-up pass first, and the sides
+  alternate per round;
+* **compile cost**: seconds to the end of the first compiled step of one shape in a fresh
+  process with an empty Inductor cache, and in a second process that finds the first one's
+  cache (what a later stage or Ray Train worker of the same run pays);
+* **end to end**: ``run_training`` with ``train.compile`` on and off at the preset's own
+  micro-batch size, the same ``steps`` from a fresh model, compilation included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.bench_train import bench_config, bench_prompts, ours_loop  # noqa: E402
+from benchmarks.common import alternate, load_avg, median_ratio  # noqa: E402
+from selfcorrect.loss import collate, weighted_lm_loss  # noqa: E402
+from selfcorrect.models import build_model, resolve_bf16  # noqa: E402
+from selfcorrect.training import ExampleStream  # noqa: E402
+
+
+def _step(model: Any, opt: Any, b: dict[str, torch.Tensor], bf16: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    loss, _ = weighted_lm_loss(logits, b, b["loss_weight"][:, 1:].sum())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def steady_loop(cfg: Any, batches: list[dict[str, torch.Tensor]], bf16: bool, compiled: bool):
+    """Returns a side: tokens/s (non-padding) of one pass over ``batches`` after a warm-up
+    pass (which compiles every shape when ``compiled``)."""
+    model, _ = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
+    model.train()
+    fwd = torch.compile(model, dynamic=False) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    for b in batches:  # warm-up: every shape seen (and compiled) once
+        _step(fwd, opt, b, bf16)
+    tokens = sum(float(b["attention_mask"].sum()) for b in batches)
+
+    def side() -> float:
+        t = time.perf_counter()
+        for b in batches:
+            _step(fwd, opt, b, bf16)
+        return tokens / (time.perf_counter() - t)
+
+    return side
+
+
+_FIRST_STEP = """
+import sys, time
+t0 = time.time()
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads({threads})
+from selfcorrect.models import build_model
+from benchmarks.bench_compile import _step
+model, tok = build_model({preset!r}, {max_length}, 0)
+fwd = torch.compile(model, dynamic=False)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+ids = torch.randint(3, len(tok), (32, {length}))
+b = {{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+      "loss_weight": torch.ones(ids.shape), "ul_weight": torch.zeros(ids.shape),
+      "span_kind": torch.zeros_like(ids), "fa_target": torch.full_like(ids, -1)}}
+_step(fwd, opt, b, {bf16})
+print(time.time() - t0)
+"""
+
+
+def compile_cost(cfg: Any, bf16: bool, threads: int, length: int) -> dict[str, float]:
+    """Seconds from process start to the end of the first compiled step (one shape): with an
+    empty Inductor cache, then again in a new process that finds that cache."""
+    code = _FIRST_STEP.format(
+        repo=str(Path(__file__).resolve().parents[1]),
+        threads=threads,
+        preset=cfg.model.preset,
+        max_length=cfg.model.max_length,
+        length=length,
+        bf16=bf16,
+    )
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for name in ("fresh_process_s", "warm_cache_process_s"):
+            r = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
+            out[name] = float(r.stdout.strip().splitlines()[-1])
+    # The same process start without compiling: what is not compile cost.
+    eager = code.replace("torch.compile(model, dynamic=False)", "model")
+    r = subprocess.run([sys.executable, "-c", eager], capture_output=True, text=True, check=True)
+    out["eager_process_s"] = float(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def run(
+    config: str = "configs/tiny.yaml",
+    task: str = "multiplication",
+    method: str = "eift",
+    steps: int = 10,
+    threads: int = 2,
+    rounds: int = 3,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    res: dict[str, Any] = {"config": config, "task": task, "method": method, "steps": steps}
+    res.update(rounds=rounds, threads=threads, load_avg_start=load_avg())
+    base = bench_config(config, overrides, steps, threads)
+    bf16 = resolve_bf16(base.train.bf16, torch.device("cpu"))
+    pad = base.train.compile_pad_to
+    prompts = bench_prompts(base, task)
+    _, tok = build_model(base.model.preset, base.model.max_length)
+    stream = ExampleStream(base, task, method, prompts, tok)
+    batches = [collate(stream.local_batch(s, 0, 1), tok.pad_token_id, pad) for s in range(steps)]
+    sides = {
+        "eager": steady_loop(base, batches, bf16, compiled=False),
+        "compiled": steady_loop(base, batches, bf16, compiled=True),
+    }
+    med, rates = alternate(sides, rounds)
+    shapes = sorted({tuple(b["input_ids"].shape) for b in batches})
+    res["steady"] = {
+        "bf16": bf16,
+        "pad_to": pad,
+        "shapes": shapes,
+        "tokens_per_s": med,
+        "rates": rates,
+        "compiled_over_eager": median_ratio(rates, "compiled", "eager"),
+    }
+    res["compile_cost"] = compile_cost(base, bf16, threads, shapes[-1][1])
+    # End to end: the loop as the preset runs it, a fresh model per side, compile included.
+    on = bench_config(config, overrides, steps, threads, "train.compile=true")
+
+    def wall(cfg: Any) -> float:
+        t = time.perf_counter()
+        ours_loop(cfg, task, method, prompts, steps)
+        return (steps + 1) / (time.perf_counter() - t)  # steps per second, warm-up included
+
+    e2e_med, e2e_rates = alternate({"eager": lambda: wall(base), "compiled": lambda: wall(on)}, 1)
+    res["end_to_end"] = {
+        "micro_batch_size": base.train.micro_batch_size,
+        "steps_per_s": e2e_med,
+        "compiled_over_eager": median_ratio(e2e_rates, "compiled", "eager"),
+    }
+    res["load_avg_end"] = load_avg()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--task", default="multiplication")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    res = run(args.config, args.task, "eift", args.steps, args.threads, args.rounds, args.overrides)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
