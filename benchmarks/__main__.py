@@ -371,8 +371,24 @@ def md_pipeline(r: dict[str, Any]) -> list[str]:
         rows = [[k, _n(v, 1)] for k, v in r["steps"].items()]
         rows.append(["**total**", _n(r.get("total_seconds"), 1)])
         lines += _table(["step", "wall s"], rows) + [""]
-    rows = [[k, _n(v["seconds"], 1), str(v["status"])] for k, v in r["stages"].items()]
-    return lines + _table(["stage", "seconds", "status"], rows)
+    rows = [
+        [k, _n(v["seconds"], 1), _n(v.get("startup_s"), 1), _n(v.get("compute_s"), 1), v["status"]]
+        for k, v in r["stages"].items()
+    ]
+    lines += _table(["stage", "seconds", "Ray Train start-up s", "steps s", "status"], rows)
+    trained = [v for v in r["stages"].values() if v.get("compute_s") is not None]
+    if trained:
+        wall = sum(float(v["seconds"] or 0) for v in trained)
+        steps = sum(float(v["compute_s"]) for v in trained)
+        start = sum(float(v.get("startup_s") or 0) for v in trained)
+        lines += [
+            "",
+            f"Supervised training: {_n(wall, 0)} s of stage time, of which {_n(steps, 0)} s "
+            f"({100 * steps / max(wall, 1e-9):.0f}%) optimizer steps and {_n(start, 0)} s "
+            f"({100 * start / max(wall, 1e-9):.0f}%) Ray Train start-up; the rest is model "
+            "loading, learning-curve probes and checkpoints.",
+        ]
+    return lines
 
 
 def md_compile(r: dict[str, Any]) -> list[str]:

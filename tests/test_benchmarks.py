@@ -56,14 +56,25 @@ def test_pipeline_section_reads_manifest(tmp_path: Path) -> None:
     from benchmarks.pipeline_times import run
 
     m = {
-        "stages": {"multiplication/base": {"status": "done", "seconds": 549.0}},
+        "stages": {
+            "multiplication/base": {
+                "status": "done",
+                "seconds": 549.0,
+                "startup_s": 49.0,
+                "compute_s": 400.0,
+            },
+            "multiplication/data": {"status": "done", "seconds": 3.0},
+        },
         "pipeline": {"steps": {"ft": 952.0}, "total_seconds": 1800.0, "finished": 0},
     }
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     r = run(str(tmp_path))
     assert r["found"] and r["stages"]["multiplication/base"]["seconds"] == 549.0
     text = "\n".join(md_pipeline(r))
-    assert "| ft | 952.0 |" in text and "| multiplication/base | 549.0 | done |" in text
+    assert "| ft | 952.0 |" in text
+    assert "| multiplication/base | 549.0 | 49.0 | 400.0 | done |" in text
+    assert "| multiplication/data | 3.0 | - | - | done |" in text
+    assert "549 s of stage time, of which 400 s (73%) optimizer steps and 49 s (9%)" in text
 
 
 def test_gpu_check_throughput_part_runs_on_cpu(tmp_path: Path) -> None:
