@@ -174,7 +174,7 @@ def _current(field: str) -> str | None:
 
 
 def _slug(key: str) -> str:
-    return "/".join(re.sub(r"[^A-Za-z0-9._=-]+", "_", p) for p in key.split("/") if p)
+    return "/".join(re.sub(r"[^A-Za-z0-9._=+-]+", "_", p) for p in key.split("/") if p)
 
 
 def _tty() -> bool:
