@@ -10,19 +10,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_runner_writes_machine_line_and_ratio_table(tmp_path: Path) -> None:
+def _quick_run(tmp_path: Path, only: str, timeout: int, *extra: str) -> str:
+    """``python -m benchmarks --quick --only <only>``; returns the BENCHMARKS.md it wrote."""
     out = tmp_path / "BENCHMARKS.md"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", only, "--out", str(out)]
     subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "coverage,pipeline"]
-        + ["--out", str(out), "--tiny-run", str(tmp_path / "no-run")],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=120,
-        capture_output=True,
+        [*cmd, *extra], cwd=REPO, env=env, check=True, timeout=timeout, capture_output=True
     )
-    text = out.read_text()
+    return out.read_text()
+
+
+def test_runner_writes_machine_line_and_ratio_table(tmp_path: Path) -> None:
+    text = _quick_run(tmp_path, "coverage,pipeline", 120, "--tiny-run", str(tmp_path / "no-run"))
     assert "**Machine:**" in text and "torch" in text and "load average" in text
     assert "| task | reference samples/s | vectorised samples/s | vectorised / reference" in text
     assert "| multiplication |" in text and "| sudoku |" in text
@@ -33,17 +33,7 @@ def test_runner_writes_machine_line_and_ratio_table(tmp_path: Path) -> None:
 def test_compile_benchmark_runs_and_renders(tmp_path: Path) -> None:
     """The compile benchmark on the nano model: both sides, the compile-cost processes and
     the end-to-end loop run, and the section and summary rows render."""
-    out = tmp_path / "BENCHMARKS.md"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "compile", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=900,
-        capture_output=True,
-    )
-    text = out.read_text()
+    text = _quick_run(tmp_path, "compile", 900)
     assert "## Compiled training (`train.compile`)" in text
     assert "| `torch.compile` |" in text and "in a fresh process (empty Inductor cache)" in text
     assert "| training tokens/s, compiled, same batches | eager |" in text
