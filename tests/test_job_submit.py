@@ -70,6 +70,9 @@ def _env(token: str) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         RAY_USAGE_STATS_ENABLED="0",
+        # `ray start` gives its dashboard 60 s by default, then exits: too short for a head
+        # started beside other work on 2 cores (the suite's own Ray instance, a `tiny` run).
+        RAY_DASHBOARD_STARTUP_TIMEOUT_S="300",
     )
     return env
 
