@@ -260,7 +260,12 @@ def summary(ctx: JobContext, timings: dict[str, float]) -> str:
     where = report if has_report else f"{ctx.output_dir} (no report.md: report step skipped)"
     lines = [f"pipeline finished in {total:.0f}s ({parts})"]
     if has_report:
-        lines += headline_lines(io.read_bytes(report).decode())
+        from selfcorrect.report import PRECISION
+
+        text = io.read_bytes(report).decode()
+        lines += headline_lines(text)
+        # The precision path: metrics compare only between runs trained on the same one.
+        lines += [ln[2:].split(" (")[0] for ln in text.splitlines() if ln.startswith(PRECISION)]
     lines.append(f"report: {where}")
     if console.log_dir():
         lines.append(f"logs: {console.log_dir()}/ (one file per stage; ray.log: Ray's own)")

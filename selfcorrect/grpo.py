@@ -520,6 +520,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
             "update_s": upd_s,
             "step_s": time.time() - t0,
             "rollout_tokens_per_s": tokens / max(gen_s, 1e-9),
+            "bf16": bf16,
         }
         out_of_time = bool(g.max_minutes) and (time.time() - t_start) / 60 >= g.max_minutes
         out_of_time = _all_max(float(out_of_time)) > 0  # every rank stops at the same step

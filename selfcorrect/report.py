@@ -1204,6 +1204,31 @@ def _timings(run: Run) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+PRECISION = "- training precision: "  # the header line's start (the pipeline's summary reads it)
+
+
+def precision(run: Run) -> str | None:
+    """Which numeric path trained the models, from the ``bf16`` column of the training
+    metrics: the seed fixes the data and the injected errors everywhere, but the trained
+    models (and every metric) only on the same path, so runs compare only within one."""
+    t = run.train
+    if t is None or "bf16" not in t or not {"task", "method"} <= set(t.columns):
+        return None
+    t = t.dropna(subset=["bf16"])
+    if t.empty:
+        return None
+    last = t.groupby(["task", "method"], sort=False)["bf16"].last().astype(bool)
+    paths = {"bf16 autocast (fp32 master weights)": last[last], "fp32": last[~last]}
+    used = {name: s for name, s in paths.items() if len(s)}
+    note = " (`train.bf16`; the same seed gives the same models only on the same path)"
+    if len(used) == 1:
+        return f"{PRECISION}{next(iter(used))} for every model{note}"
+    parts = [
+        f"{name} for {', '.join(f'{task}/{m}' for task, m in s.index)}" for name, s in used.items()
+    ]
+    return f"{PRECISION}{'; '.join(parts)}{note}"
+
+
 def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
     """The Markdown text and the PNG figures (name -> bytes) of a loaded run."""
     cfg = run.config
@@ -1214,8 +1239,9 @@ def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
         f"- run directory: `{run.root}`",
         f"- tasks: {', '.join(run.tasks) or 'none found'}; methods: {', '.join(run.models) or '–'}",
         f"- model: `{model}`; seed: {cfg.get('seed', '?')}",
-        "",
     ]
+    path = precision(run)
+    lines += ([path] if path else []) + [""]
     head = headline(run)
     if head:
         lines += ["## Headline", ""] + head + [""]

@@ -75,6 +75,10 @@ def check_report(out: str, cfg) -> None:
     run = load_run(out)
     assert run.tasks == cfg.tasks and run.models == pipeline.produced_models(cfg)
     assert run.notes == []
+    # Every model (grpo included) says which numeric path trained it; the header names it.
+    assert run.train["bf16"].notna().all() and "ft" in set(run.train["method"])
+    path = "fp32" if cfg.train.bf16 is False else "bf16 autocast"
+    assert f"- training precision: {path}" in text.split("## ")[0]
 
 
 def check_notebook(out: str, task: str) -> None:

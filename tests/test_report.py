@@ -29,6 +29,7 @@ from selfcorrect.report import (
     gaps_table,
     headline,
     load_run,
+    precision,
     select,
     train_final,
     wilson,
@@ -712,3 +713,30 @@ def test_report_documents_insec_format_and_protocol(tmp_path):
     assert "## Definitions" in text and INSEC_PROTOCOL_TEXT in text
     assert "`</mistake>`" in INSEC_PROTOCOL_TEXT and "unmarked" in INSEC_PROTOCOL_TEXT
     assert "no opening `<mistake>` marker" in INSEC_PROTOCOL_TEXT
+
+
+def test_report_header_names_the_precision_path(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"), stages=("train",))
+    assert precision(load_run(root)) is None  # metrics without a bf16 column: no claim
+
+    def set_bf16(task: str, method: str, value: bool) -> None:
+        path = io.join(root, task, "models", method, "metrics.parquet")
+        table = io.read_parquet(path)
+        table = table.drop_columns([c for c in ["bf16"] if c in table.column_names])
+        table = table.append_column("bf16", pa.array([value] * len(table)))
+        io.write_parquet(path, table)
+
+    for task in TYPES:
+        for method in TRAIN_PROBES:
+            set_bf16(task, method, False)
+    text = open(write_report(root)).read()
+    header = text.split("## ")[0]
+    assert "- training precision: fp32 for every model" in header
+    set_bf16("sudoku", "eift", True)
+    line = precision(load_run(root))
+    assert line.startswith(
+        "- training precision: bf16 autocast (fp32 master weights) for sudoku/eift;"
+    )
+    fp32 = line.split("; fp32 for ")[1].split(" (")[0].split(", ")
+    assert "sudoku/eift" not in fp32 and "multiplication/eift" in fp32
+    assert len(fp32) == 2 * len(TRAIN_PROBES) - 1
