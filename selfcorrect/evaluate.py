@@ -37,6 +37,14 @@ How a generation is read (one definition, shared with harvest and GRPO rewards, 
   ends there. Generation follows the same rule: it does not stop at an ANSWER line,
   only once the line after it is complete and is not a recognition line (or at EOS).
 
+Where the error stands: ``last_step`` is true when W replaces the trace's last step (a
+correct step there would be followed by the ANSWER line). A recognition line there competes
+with the answer line, not with another step, and models' own errors gather there (the last
+partial sum of a multiplication), so the report breaks recognition down by it; ``clean``
+rows count the correct last steps and the recognition lines right after them
+(``n_ok_last_steps``, ``n_false_alarms_last_step``): the flag rate that recognition at the
+last step must beat.
+
 Summary rates (``summarize``) are shares of all items of a condition, so
 ``correction_rate + (recognized but neither) + missed = 1``; the conditional
 ``correction_given_recognition`` / ``parrot_given_recognition`` are extra columns.
@@ -104,6 +112,7 @@ ITEM_COLUMNS = [
     "wrong_step",
     "gold_step",
     "error_type",
+    "last_step",
     "seed",
     "completion",
     "next_line",
@@ -115,6 +124,8 @@ ITEM_COLUMNS = [
     "false_alarm",
     "n_ok_steps",
     "n_false_alarms",
+    "n_ok_last_steps",  # clean rows: correct last steps, and recognition lines right after
+    "n_false_alarms_last_step",
 ]
 
 SUMMARY_KEYS = ["task", "model", "condition", "temperature", "error_type"]
@@ -144,6 +155,15 @@ def state_after(task: Task, problem: Problem, steps: Sequence[str]) -> Any:
     return state
 
 
+def is_last_step(task: Task, state: Any) -> bool | None:
+    """Whether a step written at ``state`` is the trace's last: one correct step from here
+    finishes the work (None where the work is already done: no step belongs here)."""
+    if task.is_done(state):
+        return None
+    steps = task.correct_steps(state)
+    return bool(steps) and bool(task.is_done(task.apply_step(state, steps[0])))
+
+
 # ---------------------------------------------------------------------------
 # Metric definitions: pure functions on (task, state, continuation lines)
 # ---------------------------------------------------------------------------
@@ -157,6 +177,17 @@ def count_false_alarms(events: Sequence[LineEvent]) -> tuple[int, int]:
             n_ok += 1
             if i + 1 < len(events) and events[i + 1].kind == "recognition":
                 n_fa += 1
+    return n_ok, n_fa
+
+
+def count_last_step_alarms(task: Task, events: Sequence[LineEvent]) -> tuple[int, int]:
+    """(correct last steps, recognition lines right after one): the flag rate where an error
+    would be a ``last_step`` error, the baseline its recognition rate must beat."""
+    n_ok = n_fa = 0
+    for i, ev in enumerate(events):
+        if ev.kind == "step_ok" and is_last_step(task, ev.state_before):
+            n_ok += 1
+            n_fa += int(i + 1 < len(events) and events[i + 1].kind == "recognition")
     return n_ok, n_fa
 
 
@@ -201,6 +232,7 @@ def score_free_generation(task: Task, problem: Problem, completion: str) -> dict
     n_ok, n_fa = count_false_alarms(events)
     recognized = any(ev.kind == "recognition" for ev in events)
     correct = final_answer_correct(task, problem, completion)
+    n_ok_last, n_fa_last = count_last_step_alarms(task, events)
     return {
         "next_line": lines[0] if lines else None,
         "after_line": None,
@@ -211,6 +243,8 @@ def score_free_generation(task: Task, problem: Problem, completion: str) -> dict
         "false_alarm": n_fa > 0,
         "n_ok_steps": n_ok,
         "n_false_alarms": n_fa,
+        "n_ok_last_steps": n_ok_last,
+        "n_false_alarms_last_step": n_fa_last,
     }
 
 
@@ -245,6 +279,7 @@ def own_errors(task: Task, problem: Problem, completion: str) -> list[dict[str, 
                 "wrong_step": ev.line,
                 "gold_step": gold,
                 "error_type": classify_error(task, ev.state_before, ev.line),
+                "last_step": is_last_step(task, ev.state_before),
                 "next_line": nxt,
                 "after_line": after,
                 "recognized": recognized,
@@ -454,7 +489,7 @@ def score_items(
         else:
             state = state_after(task, problem, it["prefix_steps"])
             scores = score_after_error(task, problem, state, it["wrong_step"], completion)
-            out.append({**base, **scores})
+            out.append({**base, **scores, "last_step": is_last_step(task, state)})
     return out
 
 
@@ -614,9 +649,10 @@ def empty_rows_frame() -> pd.DataFrame:
 def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Eval rows in the fixed column order, with stable dtypes for Parquet."""
     df = pd.DataFrame(rows, columns=ITEM_COLUMNS)
-    for c in ("recognized", "corrected", "parroted", "correct", "false_alarm"):
+    for c in ("recognized", "corrected", "parroted", "correct", "false_alarm", "last_step"):
         df[c] = df[c].astype("boolean")
-    for c in ("step_index", "n_ok_steps", "n_false_alarms", "seed"):
+    counts = ("n_ok_steps", "n_false_alarms", "n_ok_last_steps", "n_false_alarms_last_step")
+    for c in ("step_index", "seed", *counts):
         df[c] = df[c].astype("Int64")
     df["temperature"] = df["temperature"].astype(float)
     return df

@@ -544,6 +544,71 @@ def _gaps(run: Run) -> pd.DataFrame | None:
     return g[g["temperature"] == t0]
 
 
+def _last_step_alarms(clean: pd.DataFrame, task: str, model: str) -> str:
+    """Recognition lines right after a correct last step in the clean generations, with a
+    Wilson interval (a generation has one last step): what last-step recognition must beat."""
+    g = clean[(clean["task"] == task) & (clean["model"] == model)]
+    if g.empty or "n_ok_last_steps" not in g:
+        return "–"
+    n = int(pd.to_numeric(g["n_ok_last_steps"], errors="coerce").fillna(0).sum())
+    k = int(pd.to_numeric(g["n_false_alarms_last_step"], errors="coerce").fillna(0).sum())
+    if n == 0:
+        return "–"
+    return f"{_fmt(k / n, *wilson(k, n))} (n {n})"
+
+
+def position_table(run: Run) -> pd.DataFrame | None:
+    """Greedy recognition of each error origin split by where the error stands: at the
+    trace's last step (a recognition line there competes with the ANSWER line) or earlier,
+    with the share of the origin's errors at the last step; intervals as in the summary
+    (``summarize`` on each part). Own and FT errors can gather at one position while
+    synthetic ones spread over all steps, so a gap can be "where" as much as "what"."""
+    e = run.evals
+    if e is None or e.empty or not {"last_step", "condition", "temperature"} <= set(e.columns):
+        return None
+    from selfcorrect.evaluate import summarize
+
+    e = e[e["temperature"] == e.groupby(["task", "model"])["temperature"].transform("min")]
+    clean = e[e["condition"] == "clean"]  # greedy, as every other table
+    e = e[e["condition"].isin(ERROR_CONDITIONS) & e["last_step"].notna()]
+    if e.empty:
+        return None
+    last = e["last_step"].astype(bool)
+    seed = int(run.config.get("seed", 0) or 0)
+    parts = {
+        "recognition, earlier steps": aggregate(summarize(e[~last], seed=seed)),
+        "recognition, last step": aggregate(summarize(e[last], seed=seed)),
+    }
+    rows = []
+    for task in _order(e["task"], run.tasks):
+        for model in _order(e[e["task"] == task]["model"], MODELS):
+            for cond in ERROR_CONDITIONS:
+                g = e[(e["task"] == task) & (e["model"] == model) & (e["condition"] == cond)]
+                if g.empty:
+                    continue
+                share = g["last_step"].astype(bool).mean()
+                row = {
+                    "task": task,
+                    "method": model,
+                    "errors": CONDITION_LABEL[cond],
+                    "at last step": f"{share:.0%} of {len(g)}",
+                }
+                for col, sm in parts.items():
+                    r = sm[(sm["task"] == task) & (sm["model"] == model)]
+                    r = r[r["condition"] == cond]
+                    if r.empty:
+                        row[col] = "–"
+                        continue
+                    x = r.iloc[0]
+                    rate = _fmt(
+                        x["recognition_rate"], x["recognition_rate_lo"], x["recognition_rate_hi"]
+                    )
+                    row[col] = f"{rate} (n {int(x['n'])})"
+                row["flags after a correct last step"] = _last_step_alarms(clean, task, model)
+                rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
 def gaps_table(run: Run) -> pd.DataFrame | None:
     """The headline table: per task x method, synthetic minus own / FT / matched recognition,
     ``diff [lo, hi]`` (95%), at greedy decoding."""
@@ -1083,6 +1148,19 @@ SECTIONS = (
         fig_gaps,
         gaps_table,
         "no eval_gaps.parquet or eval summary with error conditions (run rayjobs.evaluate)",
+    ),
+    Section(
+        "position",
+        "Recognition by where the error stands",
+        "Errors at the trace's last step (where a recognition line competes with the ANSWER "
+        "line) against errors at earlier steps, greedy, with the share of each origin's errors "
+        "at the last step. Own and FT errors can gather at the last step while synthetic ones "
+        "spread over every step: compare origins within a position before reading the gap as "
+        "synthetic versus own. Last-step recognition means something only above the model's "
+        "flag rate after a *correct* last step (last column, clean problems).",
+        lambda r: None,
+        position_table,
+        "no per-item eval rows with `last_step` (run rayjobs.evaluate)",
     ),
     Section(
         "figure6",

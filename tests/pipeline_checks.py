@@ -77,6 +77,9 @@ def check_report(out: str, cfg) -> None:
     assert run.notes == []
     # Every model (grpo included) says which numeric path trained it; the header names it.
     assert run.train["bf16"].notna().all() and "ft" in set(run.train["method"])
+    # Every error row says where it stands: the position table is there, not skipped.
+    assert run.evals[run.evals.condition == "synthetic"]["last_step"].notna().all()
+    assert "| at last step |" in text
     path = "fp32" if cfg.train.bf16 is False else "bf16 autocast"
     assert f"- training precision: {path}" in text.split("## ")[0]
 

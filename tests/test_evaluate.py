@@ -16,6 +16,7 @@ from selfcorrect.evaluate import (
     complete_lines,
     ft_error_items,
     generation_seed,
+    is_last_step,
     own_errors,
     render_prefix,
     score_after_error,
@@ -366,6 +367,39 @@ def test_score_items_emits_own_errors_from_clean_generations(case):
     assert [r["condition"] for r in rows] == ["clean", "own_errors"]
     assert rows[1]["trace_id"] == rows[0]["trace_id"] == "p0"
     assert rows[1]["item_id"] == "p0-own0" and rows[1]["corrected"]
+
+
+def test_last_step_is_where_one_correct_step_finishes_the_work(case):
+    task, problem = case["task"], case["problem"]
+    golden = task.golden_steps(problem)
+    flags = [is_last_step(task, state_after(task, problem, golden[:i])) for i in range(len(golden))]
+    assert flags == [False] * (len(golden) - 1) + [True]
+    assert is_last_step(task, state_after(task, problem, golden)) is None  # nothing left
+
+
+def test_rows_say_whether_the_error_stands_at_the_last_step(case):
+    """Every error row (injected or the model's own) carries ``last_step``; clean rows
+    count the correct last steps and the recognition lines right after them."""
+    task, problem = case["task"], case["problem"]
+    golden = task.golden_steps(problem)
+    answer = task.answer_line(problem)
+    items = synthetic_items(task, [{"problem_id": "p0", "prompt": case["prompt"]}], seed=0)
+    item = dict(items[0], task=task.name, model="m", temperature=0.0, seed=1)
+    (row,) = score_items(task, [item], [lines(R, item["gold_step"], answer)])
+    assert row["last_step"] == (item["step_index"] == len(golden) - 1)
+    # A model that flags its own correct last step, then repeats it: a false alarm there.
+    free = clean_items([{"problem_id": "p1", "prompt": case["prompt"]}])[0]
+    free.update(task=task.name, model="m", temperature=0.0, seed=1)
+    (clean,) = score_items(task, [free], [lines(*golden, R, golden[-1], answer)])
+    assert clean["n_ok_last_steps"] == 2 and clean["n_false_alarms_last_step"] == 1
+    assert clean["n_false_alarms"] == 1
+    # An own error at the last step, and one earlier (sudoku: a first step can be wrong too).
+    wrong_last = "r1c1=9" if task.name == "sudoku" else "1*1=9"  # malformed: a wrong step
+    rows = score_items(task, [free], [lines(*golden[:-1], wrong_last, answer)])
+    own = [r for r in rows if r["condition"] == "own_errors"]
+    assert own and own[0]["last_step"] is True and rows[0]["n_ok_last_steps"] == 0
+    early = score_items(task, [free], [lines(*case["prefix"], case["wrong"], answer)])
+    assert [r["last_step"] for r in early if r["condition"] == "own_errors"][0] is False
 
 
 # ---------------------------------------------------------------------------

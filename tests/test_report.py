@@ -29,6 +29,7 @@ from selfcorrect.report import (
     gaps_table,
     headline,
     load_run,
+    position_table,
     precision,
     select,
     train_final,
@@ -213,6 +214,11 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
                                     "n_false_alarms": None
                                     if cond == "own_errors"
                                     else int(rng.random() < 0.2),
+                                    # Where the error stands, and flags after a correct last
+                                    # step (no RNG draw: the other numbers stay as they were).
+                                    "last_step": i % 3 == 0 if err else None,
+                                    "n_ok_last_steps": None if err else 1,
+                                    "n_false_alarms_last_step": None if err else int(i % 5 == 0),
                                 }
                             )
                 df = rows_frame(rows)
@@ -740,3 +746,36 @@ def test_report_header_names_the_precision_path(tmp_path):
     fp32 = line.split("; fp32 for ")[1].split(" (")[0].split(", ")
     assert "sudoku/eift" not in fp32 and "multiplication/eift" in fp32
     assert len(fp32) == 2 * len(TRAIN_PROBES) - 1
+
+
+def test_position_table_splits_recognition_at_the_last_step(tmp_path):
+    root = make_synthetic_run(str(tmp_path / "run"))
+    run = load_run(root)
+    table = position_table(run)
+    e = run.evals
+    t0 = min(TEMPS)
+    for task in TYPES:
+        for model in ("eift", "hybrid"):
+            for cond, label in (("synthetic", "synthetic errors"), ("own_errors", "own errors")):
+                g = e[(e.task == task) & (e.model == model) & (e.condition == cond)]
+                g = g[g.temperature == t0]
+                last = g["last_step"].astype(bool)
+                row = table[
+                    (table.task == task) & (table.method == model) & (table.errors == label)
+                ]
+                row = row.iloc[0]
+                assert row["at last step"] == f"{last.mean():.0%} of {len(g)}"
+                for col, part in (
+                    ("recognition, earlier steps", g[~last]),
+                    ("recognition, last step", g[last]),
+                ):
+                    rate = part["recognized"].astype(bool).mean()
+                    assert row[col].startswith(f"{rate:.2f} [") and row[col].endswith(
+                        f"(n {len(part)})"
+                    )
+                assert row["flags after a correct last step"].startswith("0.20 [")  # 5 of 25
+    text = open(write_report(root)).read()
+    assert "## Recognition by where the error stands" in text and "| at last step |" in text
+    # A run from before `last_step`: the section is skipped, nothing else changes.
+    run.evals = run.evals.drop(columns=["last_step"])
+    assert position_table(run) is None
