@@ -9,7 +9,8 @@ Trains the shared clean base (``train.base_steps`` at ``train.base_lr``, cached 
 times. At every checkpoint it decodes greedily and reports the premise numbers only:
 
 * synthetic recognition: golden prefix + one fresh synthetic error (the eval's
-  ``synthetic`` items), the share whose next line is the recognition line;
+  ``synthetic`` items), the share whose next line is the recognition line; overall, and
+  split by whether the error replaces the trace's last step (``last_step``);
 * false alarms on clean problems: the share of free generations with a recognition line
   right after a correct step;
 * clean accuracy: final-answer accuracy of the free generations.
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 from selfcorrect.config import load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.evaluate import (  # noqa: E402
+    is_last_step,
     score_after_error,
     score_free_generation,
     state_after,
@@ -56,11 +58,12 @@ def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int)
     model.eval()
     items = synthetic_items(task, test_rows, seed, n)
     texts = generate(model, tok, [it["prefix"] for it in items], max_new_tokens=48)
-    rec = 0
+    rec = {True: [], False: []}  # by whether the error replaces the trace's last step
     for it, text in zip(items, texts, strict=True):
         problem = task.parse_prompt(it["prompt"])
         state = state_after(task, problem, it["prefix_steps"])
-        rec += score_after_error(task, problem, state, it["wrong_step"], text)["recognized"]
+        scored = score_after_error(task, problem, state, it["wrong_step"], text)
+        rec[bool(is_last_step(task, state))].append(scored["recognized"])
     prompts = [r["prompt"] for r in test_rows[:n]]
     free = generate(model, tok, [p + "\n" for p in prompts], max_new_tokens=max_new_tokens)
     scores = [
@@ -69,7 +72,9 @@ def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int)
     ]
     model.train()
     return {
-        "synthetic_recognition": rec / len(items),
+        "synthetic_recognition": sum(map(sum, rec.values())) / len(items),
+        "synthetic_recognition_earlier": sum(rec[False]) / max(1, len(rec[False])),
+        "synthetic_recognition_last_step": sum(rec[True]) / max(1, len(rec[True])),
         "clean_false_alarm": sum(s["false_alarm"] for s in scores) / len(scores),
         "clean_accuracy": sum(s["correct"] for s in scores) / len(scores),
     }
@@ -132,7 +137,13 @@ def main() -> None:
         point = {"step": state["step"], **state["history"][-1]}
         point.update(premise(model, tok, task, test_rows, cfg.seed, args.n, 128))
         curve.append(point)
-        keys = ("synthetic_recognition", "clean_false_alarm", "clean_accuracy")
+        keys = (
+            "synthetic_recognition",
+            "synthetic_recognition_earlier",
+            "synthetic_recognition_last_step",
+            "clean_false_alarm",
+            "clean_accuracy",
+        )
         shown = {k: round(point[k], 3) for k in keys}
         dec = {k: round(v, 3) for k, v in point.items() if k.startswith("decision")}
         print(f"[probe] {args.task}/{args.method} step {state['step']}: {shown} {dec}", flush=True)

@@ -142,8 +142,9 @@ class TrainConfig:
         "torch.compile the model's forward/backward (zero_stage 0). Micro-batches are padded to "
         "multiples of compile_pad_to tokens so shapes repeat; each new shape compiles once per "
         "process. Off by default: on a 2-core CPU a compiled step is ~1.35x eager on the same "
-        "batches in bf16 (1.09x in fp32 without a bf16 path), but a shape costs ~60 s to compile cold (~5 s once Inductor's on-disk cache "
-        "is warm), which the tiny preset's short runs do not win back (BENCHMARKS.md)",
+        "batches in bf16 (1.09x in fp32 without a bf16 path), but a shape costs ~60 s to "
+        "compile cold (~5 s once Inductor's on-disk cache is warm), which the tiny preset's "
+        "short runs do not win back (BENCHMARKS.md)",
     )
     compile_pad_to: int = _f(32, "with compile: pad each micro-batch to a multiple of this")
     checkpoint_every: int = _f(200, "steps between Ray Train checkpoints (0 = only at the end)")

@@ -39,8 +39,8 @@ How a generation is read (one definition, shared with harvest and GRPO rewards, 
 
 Where the error stands: ``last_step`` is true when W replaces the trace's last step (a
 correct step there would be followed by the ANSWER line). A recognition line there competes
-with the answer line, not with another step, and models' own errors gather there (the last
-partial sum of a multiplication), so the report breaks recognition down by it; ``clean``
+with the answer line, not with another step, and models' own errors can gather there (the
+final sum of a multiplication), so the report breaks recognition down by it; ``clean``
 rows count the correct last steps and the recognition lines right after them
 (``n_ok_last_steps``, ``n_false_alarms_last_step``): the flag rate that recognition at the
 last step must beat.
