@@ -407,7 +407,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
         report_checkpoint(engine, tok, cfg, session, rank, step, metrics, history, final, resumes)
 
     if start == 0 and not history:
-        first = {"step": 0, **heldout()}
+        first = {"step": 0, **heldout(), "bf16": bf16}  # every row names its precision
         history.append(first)
         if rank == 0:
             print(f"[grpo] {task_name}: before training {first}", flush=True)

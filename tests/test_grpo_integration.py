@@ -89,6 +89,7 @@ def test_grpo_two_workers_zero2_changes_policy(ray_session, tmp_path):
     history = json.loads((out / "metrics.json").read_text())
     assert [h["step"] for h in history] == [0, 1, 2, 3]
     assert 0.0 <= history[0]["heldout_accuracy"] <= 1.0  # the FT model's, before any update
+    assert [h["bf16"] for h in history] == [False] * 4  # every row names its precision path
     for h in history[1:]:
         for key in ("reward_mean", "reward_std", "kl", "entropy", "completion_tokens"):
             assert np.isfinite(h[key]), (key, h)
