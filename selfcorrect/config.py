@@ -157,6 +157,12 @@ class TrainConfig:
         "step = each step is an error with probability injection_rate, independently (no "
         "trace-level prior for the model to learn instead of checking the step)",
     )
+    last_step_rate: float | None = _f(
+        None,
+        "error_placement step: probability that the trace's last step is an error (None = "
+        "injection_rate); the last step's check is the one a model learns last "
+        "(benchmarks/NOTES.md)",
+    )
     onpolicy_fraction: float = _f(0.2, "hybrid: fraction of injected errors that are on-policy")
     p_mistake: float = _f(0.15, "insec: per-step mistake probability")
     mistake_loss: str = _f("mask", "insec: mask | unlikelihood")
@@ -227,6 +233,16 @@ class TrainConfig:
         )
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")
         _check(0 <= self.injection_rate <= 1, "train.injection_rate", "must be in [0, 1]")
+        _check(
+            self.last_step_rate is None or 0 <= self.last_step_rate <= 1,
+            "train.last_step_rate",
+            "must be in [0, 1], or null to use train.injection_rate",
+        )
+        _check(
+            self.last_step_rate is None or self.error_placement == "step",
+            "train.last_step_rate",
+            "applies to train.error_placement=step only; set that or drop last_step_rate",
+        )
         _check(0 <= self.onpolicy_fraction <= 1, "train.onpolicy_fraction", "must be in [0, 1]")
         _check(0 <= self.p_mistake <= 1, "train.p_mistake", "must be in [0, 1]")
         _check(self.max_errors >= 1, "train.max_errors", "must be >= 1")

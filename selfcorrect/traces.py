@@ -177,9 +177,11 @@ def step_error_example(
     rng: np.random.Generator,
     rate: float,
     type_weights: dict[str, float] | None = None,
+    last_step_rate: float | None = None,
 ) -> Example:
     """``error_placement: step``: every step where an allowed type applies is, independently,
-    a synthetic error with probability ``rate``.
+    a synthetic error with probability ``rate`` (the trace's last step with
+    ``last_step_rate`` when given).
 
     Why: with whole traces injected (1..max_errors errors in a share of traces), whether a
     step is wrong depends on the rest of the trace (errors come in clusters; a clean prefix
@@ -187,7 +189,13 @@ def step_error_example(
     checking the step. Independent steps leave only the step itself to decide on, as at a
     model's own error or an eval item (a clean prefix, then one error).
     """
-    positions = {i for i in _injectable(task, problem, type_weights) if rng.random() < rate}
+    last = len(task.golden_steps(problem)) - 1
+    p_last = rate if last_step_rate is None else last_step_rate
+    positions = {
+        i
+        for i in _injectable(task, problem, type_weights)
+        if rng.random() < (p_last if i == last else rate)
+    }
     return _with_errors(task, problem, positions, rng, type_weights)
 
 
@@ -292,6 +300,7 @@ def build_example(
     onpolicy: list[dict[str, Any]] | None = None,
     onpolicy_fraction: float = 0.2,
     error_placement: str = "trace",
+    last_step_rate: float | None = None,
 ) -> Example:
     """The per-method mixture: ``ft`` clean only; ``eift`` clean + synthetic at
     ``injection_rate``; ``hybrid`` like eift with ``onpolicy_fraction`` of errors
@@ -315,7 +324,12 @@ def build_example(
         if not onpolicy:
             raise ValueError("hybrid needs on-policy errors: run harvest on the train split first")
         n_steps = len(task.golden_steps(problem))
-        mean_errors = injection_rate * n_steps if per_step else (1 + min(max_errors, n_steps)) / 2
+        p_last = injection_rate if last_step_rate is None else last_step_rate
+        mean_errors = (
+            injection_rate * (n_steps - 1) + p_last
+            if per_step
+            else (1 + min(max_errors, n_steps)) / 2
+        )
         if rng.random() < onpolicy_trace_probability(onpolicy_fraction, mean_errors):
             rec = onpolicy[int(rng.integers(len(onpolicy)))]
             own = task.parse_prompt(rec["prompt"])
@@ -323,5 +337,5 @@ def build_example(
                 task, own, list(rec["prefix_steps"]), rec["wrong_step"], rec["error_type"]
             )
     if per_step:
-        return step_error_example(task, problem, rng, injection_rate, type_weights)
+        return step_error_example(task, problem, rng, injection_rate, type_weights, last_step_rate)
     return eift_example(task, problem, rng, max_errors, type_weights)

@@ -150,6 +150,7 @@ class ExampleStream:
             onpolicy=self.onpolicy,
             onpolicy_fraction=t.onpolicy_fraction,
             error_placement=t.error_placement,
+            last_step_rate=t.last_step_rate,
         )
         return encode_example(self.tok, ex, self.weights, self.cfg.model.max_length)
 

@@ -71,6 +71,8 @@ def test_bf16_is_true_false_or_auto_and_auto_follows_the_hardware():
         ("train.weight_decay=-0.1", "'train.weight_decay': must be >= 0"),
         ("train.log_every=0", "'train.log_every': must be >= 1"),
         ("train.w_recognition=-1", "loss weights must be >= 0"),
+        ("train.last_step_rate=0.5", "error_placement=step only"),
+        ("train.last_step_rate=1.5", "'train.last_step_rate': must be in"),
         ("train.cpus_per_worker=0", "'train.cpus_per_worker': must be >= 1"),
         ("harvest.num_actors=0", "'harvest.num_actors': must be >= 1"),
         ("harvest.max_new_tokens=0", "'harvest.max_new_tokens': must be >= 1"),

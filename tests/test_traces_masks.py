@@ -262,6 +262,35 @@ def test_step_placement_makes_each_step_an_independent_error():
     assert wrong[wrong[:, 0], 2].mean() - wrong[~wrong[:, 0] & ~wrong[:, 1], 2].mean() > 0.3
 
 
+def test_last_step_rate_sets_the_last_steps_rate_alone():
+    """last_step_rate moves the last step's error rate and no other step's; unset, the
+    stream is the one injection_rate alone gives (same seed, same injected errors)."""
+    task = Multiplication(2, 2)
+    p = task.parse_prompt("56*78")  # 3 steps; the last is the sum
+    n = 6000
+    for last_rate in (0.0, 0.7, 1.0):
+        rng = np.random.default_rng(1)
+        wrong = np.zeros((n, 3), dtype=bool)
+        for i in range(n):
+            ex = build_example(
+                "eift",
+                task,
+                p,
+                rng,
+                injection_rate=0.2,
+                error_placement="step",
+                last_step_rate=last_rate,
+            )
+            wrong[i, ex.error_steps] = True
+        assert np.allclose(wrong.mean(0), [0.2, 0.2, last_rate], atol=0.03), wrong.mean(0)
+    kw = dict(injection_rate=0.3, error_placement="step")
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(50):
+        x = build_example("eift", task, p, a, **kw)
+        y = build_example("eift", task, p, b, last_step_rate=None, **kw)
+        assert x.text == y.text and x.spans == y.spans
+
+
 def test_loss_normalised_by_global_weight_not_per_microbatch():
     """Two micro-batches accumulated == one batch: the normaliser is the total weight."""
     torch.manual_seed(0)
