@@ -10,7 +10,9 @@ times. At every checkpoint it decodes greedily and reports the premise numbers o
 
 * synthetic recognition: golden prefix + one fresh synthetic error (the eval's
   ``synthetic`` items), the share whose next line is the recognition line; overall, and
-  split by whether the error replaces the trace's last step (``last_step``);
+  split by whether the error replaces the trace's last step (``last_step``), by error type,
+  and by whether it writes where the correct step would (sudoku: the golden cell, so only
+  the digit is wrong; ``same_target``);
 * false alarms on clean problems: the share of free generations with a recognition line
   right after a correct step;
 * clean accuracy: final-answer accuracy of the free generations.
@@ -59,11 +61,18 @@ def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int)
     items = synthetic_items(task, test_rows, seed, n)
     texts = generate(model, tok, [it["prefix"] for it in items], max_new_tokens=48)
     rec = {True: [], False: []}  # by whether the error replaces the trace's last step
+    by_type: dict[str, list[bool]] = {}
+    same_target: dict[bool, list[bool]] = {True: [], False: []}
     for it, text in zip(items, texts, strict=True):
         problem = task.parse_prompt(it["prompt"])
         state = state_after(task, problem, it["prefix_steps"])
         scored = score_after_error(task, problem, state, it["wrong_step"], text)
         rec[bool(is_last_step(task, state))].append(scored["recognized"])
+        by_type.setdefault(it["error_type"], []).append(scored["recognized"])
+        # Does the error write where the correct step would (sudoku: the golden step's cell)?
+        # Then only its value can tell it apart.
+        same = it["wrong_step"].split("=")[0] == it["gold_step"].split("=")[0]
+        same_target[same].append(scored["recognized"])
     prompts = [r["prompt"] for r in test_rows[:n]]
     free = generate(model, tok, [p + "\n" for p in prompts], max_new_tokens=max_new_tokens)
     scores = [
@@ -75,6 +84,16 @@ def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int)
         "synthetic_recognition": sum(map(sum, rec.values())) / len(items),
         "synthetic_recognition_earlier": sum(rec[False]) / max(1, len(rec[False])),
         "synthetic_recognition_last_step": sum(rec[True]) / max(1, len(rec[True])),
+        "synthetic_recognition_same_target": sum(same_target[True])
+        / max(1, len(same_target[True])),
+        "synthetic_recognition_other_target": sum(same_target[False])
+        / max(1, len(same_target[False])),
+        "synthetic_n": {
+            "last_step": len(rec[True]),
+            "same_target": len(same_target[True]),
+            **{t: len(v) for t, v in sorted(by_type.items())},
+        },
+        "synthetic_recognition_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
         "clean_false_alarm": sum(s["false_alarm"] for s in scores) / len(scores),
         "clean_accuracy": sum(s["correct"] for s in scores) / len(scores),
     }
@@ -141,6 +160,7 @@ def main() -> None:
             "synthetic_recognition",
             "synthetic_recognition_earlier",
             "synthetic_recognition_last_step",
+            "synthetic_recognition_same_target",
             "clean_false_alarm",
             "clean_accuracy",
         )

@@ -74,9 +74,15 @@ class DataConfig:
         _check(self.n_train >= 1 and self.n_test >= 1, "data.n_train/n_test", "must be >= 1")
 
 
+# The names of selfcorrect.models.PRESETS (kept here so loading a config imports no torch).
+PRESET_NAMES = ("nano", "tiny", "tiny-deep", "small", "base", "0.5b")
+
+
 @dataclass
 class ModelConfig:
-    preset: str = _f("tiny", "random-init size preset: nano | tiny | small | base | 0.5b")
+    preset: str = _f(
+        "tiny", "random-init size preset: nano | tiny | tiny-deep | small | base | 0.5b"
+    )
     path: str | None = _f(None, "local HF model dir or hub id; overrides preset (paper scale)")
     max_length: int = _f(256, "max tokens per training example / generation context")
     lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
@@ -93,9 +99,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(
-            self.preset in ("nano", "tiny", "small", "base", "0.5b"),
+            self.preset in PRESET_NAMES,
             "model.preset",
-            "choose nano, tiny, small, base or 0.5b",
+            f"choose one of {', '.join(PRESET_NAMES)}",
         )
         _check(self.max_length >= 16, "model.max_length", "must be >= 16")
         _check(self.lora_r >= 1 and self.lora_alpha >= 1, "model.lora_r/lora_alpha", "must be >= 1")

@@ -28,6 +28,9 @@ from selfcorrect.tokenizer import build_char_tokenizer
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "nano": (64, 2, 4, 4, 128),
     "tiny": (256, 4, 4, 4, 768),
+    # tiny's width, twice its depth: flagging a wrong step is one token after the whole line
+    # (compute the step, compare, gather), a lever for the premise (benchmarks/NOTES.md)
+    "tiny-deep": (256, 8, 4, 4, 768),
     "small": (384, 6, 6, 6, 1536),
     "base": (512, 8, 8, 8, 2048),
     "0.5b": (896, 24, 14, 2, 4864),  # Qwen2-0.5B shape (GPU benchmarks)

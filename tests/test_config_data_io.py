@@ -338,3 +338,12 @@ def test_relative_output_dir_becomes_absolute(tmp_path, monkeypatch):
     )
     assert ctx.output_dir == str(tmp_path / "runs" / "a")
     assert parse_args("x", ["--output-dir", "s3://bucket/run"]).output_dir == "s3://bucket/run"
+
+
+def test_config_knows_every_model_preset():
+    from selfcorrect.config import PRESET_NAMES
+    from selfcorrect.models import PRESETS
+
+    assert set(PRESET_NAMES) == set(PRESETS)
+    with pytest.raises(ConfigError, match="choose one of nano, tiny, tiny-deep"):
+        load_config(None, ["model.preset=huge"])
