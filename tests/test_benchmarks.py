@@ -79,3 +79,43 @@ def test_gpu_check_throughput_part_runs_on_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / "gpu_check.md").read_text()
     assert "| tokens/s | step s | MFU |" in text and "preset `nano`" in text
+
+
+def test_premise_probe_writes_its_curve(tmp_path: Path) -> None:
+    """The calibration probe end to end on the smoke preset: base, method, greedy premise
+    numbers at every checkpoint, every synthetic item counted in exactly one split."""
+    import json
+
+    out = tmp_path / "probe.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [
+        sys.executable,
+        "benchmarks/premise_probe.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--task",
+        "sudoku",
+        "--steps",
+        "4",
+        "--points",
+        "2",
+        "--n",
+        "8",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "train.base_steps=4",
+        "train.error_placement=step",
+        "train.last_step_rate=0.5",
+    ]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600, capture_output=True)
+    (res,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["step"] for p in res["curve"]] == [2, 4]
+    for p in res["curve"]:
+        n = p["synthetic_n"]
+        n_items = sum(v for k, v in n.items() if k not in ("last_step", "same_target"))
+        assert n_items == 8 and 0 <= n["last_step"] <= 8 and 0 <= n["same_target"] <= 8
+        assert 0 <= p["synthetic_recognition"] <= 1 and 0 <= p["clean_accuracy"] <= 1
+        assert set(p["synthetic_recognition_by_type"]) <= {"invalid", "non_naked_single"}
+    assert any((tmp_path / "cache").iterdir())  # the base is cached for the next probe
