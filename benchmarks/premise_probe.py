@@ -89,10 +89,11 @@ def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int)
         "synthetic_recognition_other_target": sum(same_target[False])
         / max(1, len(same_target[False])),
         "synthetic_n": {
+            "all": len(items),
             "last_step": len(rec[True]),
             "same_target": len(same_target[True]),
-            **{t: len(v) for t, v in sorted(by_type.items())},
         },
+        "synthetic_n_by_type": {t: len(v) for t, v in sorted(by_type.items())},
         "synthetic_recognition_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
         "clean_false_alarm": sum(s["false_alarm"] for s in scores) / len(scores),
         "clean_accuracy": sum(s["correct"] for s in scores) / len(scores),

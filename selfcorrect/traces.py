@@ -324,12 +324,12 @@ def build_example(
         if not onpolicy:
             raise ValueError("hybrid needs on-policy errors: run harvest on the train split first")
         n_steps = len(task.golden_steps(problem))
-        p_last = injection_rate if last_step_rate is None else last_step_rate
-        mean_errors = (
-            injection_rate * (n_steps - 1) + p_last
-            if per_step
-            else (1 + min(max_errors, n_steps)) / 2
-        )
+        if per_step:
+            mean_errors = injection_rate * (n_steps - 1) + (
+                injection_rate if last_step_rate is None else last_step_rate
+            )
+        else:
+            mean_errors = (1 + min(max_errors, n_steps)) / 2
         if rng.random() < onpolicy_trace_probability(onpolicy_fraction, mean_errors):
             rec = onpolicy[int(rng.integers(len(onpolicy)))]
             own = task.parse_prompt(rec["prompt"])

@@ -114,8 +114,8 @@ def test_premise_probe_writes_its_curve(tmp_path: Path) -> None:
     assert [p["step"] for p in res["curve"]] == [2, 4]
     for p in res["curve"]:
         n = p["synthetic_n"]
-        n_items = sum(v for k, v in n.items() if k not in ("last_step", "same_target"))
-        assert n_items == 8 and 0 <= n["last_step"] <= 8 and 0 <= n["same_target"] <= 8
+        assert n["all"] == 8 == sum(p["synthetic_n_by_type"].values())
+        assert 0 <= n["last_step"] <= 8 and 0 <= n["same_target"] <= 8
         assert 0 <= p["synthetic_recognition"] <= 1 and 0 <= p["clean_accuracy"] <= 1
         assert set(p["synthetic_recognition_by_type"]) <= {"invalid", "non_naked_single"}
     assert any((tmp_path / "cache").iterdir())  # the base is cached for the next probe
