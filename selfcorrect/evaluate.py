@@ -107,7 +107,7 @@ ITEM_COLUMNS = [
     "trace_id",
     "problem_id",
     "prompt",
-    "prefix",
+    "prefix",  # text before the wrong step (clean: the prompt line)
     "step_index",
     "wrong_step",
     "gold_step",
@@ -474,7 +474,13 @@ def score_items(
     for it, completion in zip(items, completions, strict=True):
         problem = task.parse_prompt(it["prompt"])
         base = {k: it.get(k) for k in ITEM_COLUMNS if k in it}
-        base.update(trace_id=it["item_id"], completion=completion)
+        # The row's prefix is the text before the wrong step, as in harvest and own_errors
+        # (the model was given it plus the wrong step).
+        base.update(
+            trace_id=it["item_id"],
+            completion=completion,
+            prefix=render_prefix(it["prompt"], it["prefix_steps"]),
+        )
         if it["condition"] == "clean":
             out.append({**base, **score_free_generation(task, problem, completion)})
             for j, err in enumerate(own_errors(task, problem, completion)):

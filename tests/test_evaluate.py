@@ -369,6 +369,26 @@ def test_score_items_emits_own_errors_from_clean_generations(case):
     assert rows[1]["item_id"] == "p0-own0" and rows[1]["corrected"]
 
 
+def test_row_prefix_is_the_text_before_the_wrong_step_in_every_condition(case):
+    """The same wrong step at the same state, injected or the model's own, gets one prefix
+    (the harvest's meaning); only the model's input for the injected item adds the step."""
+    task = case["task"]
+    prompt_row = {"problem_id": "p0", "prompt": case["prompt"]}
+    free = dict(clean_items([prompt_row])[0], task=task.name, model="m", temperature=0.0, seed=1)
+    text = lines(*case["prefix"], case["wrong"], R, case["fix"], *case["rest"], case["answer"])
+    own = [r for r in score_items(task, [free], [text]) if r["condition"] == "own_errors"][0]
+    injected = ft_error_items(
+        task,
+        [{**own, "error_id": "e0", "prefix_steps": list(case["prefix"])}],
+        seed=0,
+    )[0]
+    assert injected["prefix"].endswith(case["wrong"] + "\n")  # what the model continues
+    injected.update(task=task.name, model="m", temperature=0.0, seed=1)
+    (row,) = score_items(task, [injected], [lines(R, case["fix"], case["answer"])])
+    assert row["prefix"] == own["prefix"] == render_prefix(case["prompt"], case["prefix"])
+    assert row["step_index"] == own["step_index"] == len(case["prefix"])
+
+
 def test_last_step_is_where_one_correct_step_finishes_the_work(case):
     task, problem = case["task"], case["problem"]
     golden = task.golden_steps(problem)

@@ -152,7 +152,15 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
             for _, m in rows[rows["condition"] == "matched_synthetic"].iterrows():
                 f = ft_items.loc[(m["temperature"], m["item_id"].removesuffix("-matched"))]
                 assert m["step_index"] == f["step_index"] and m["prompt"] == f["prompt"]
-                assert m["prefix"].rsplit("\n", 2)[0] == f["prefix"].rsplit("\n", 2)[0]
+                assert m["prefix"] == f["prefix"]
+            # Every error row's prefix is the prompt line and the steps before its wrong step,
+            # injected or the model's own.
+            for _, r in rows[rows["condition"] != "clean"].iterrows():
+                prefix_lines = split_lines(r["prefix"])
+                assert prefix_lines[0] == r["prompt"] and r["prefix"].endswith("\n")
+                assert len(prefix_lines) - 1 == r["step_index"], (r["condition"], r["prefix"])
+                if r["condition"] == "own_errors":
+                    assert split_lines(r["completion"])[r["step_index"]] == r["wrong_step"]
             # The same items at every temperature, and for every model.
             syn = rows[rows["condition"] == "synthetic"]
             by_t = [
