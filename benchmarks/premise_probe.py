@@ -100,6 +100,27 @@ def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int)
     }
 
 
+def cached_base(cfg, task_name: str, prompts: list[str], cache: str) -> str:
+    """The preset's clean base for ``task_name`` (``train.base_steps`` at ``train.base_lr``),
+    trained once and kept under ``cache``, keyed by everything that decides it."""
+    t = cfg.train
+    steps = t.base_steps_by_task.get(task_name, t.base_steps)
+    base = os.path.join(
+        cache, f"base-{task_name}-{cfg.model.preset}-{steps}-{t.base_lr}-seed{cfg.seed}"
+    )
+    if not os.path.isdir(base):
+        bcfg = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(t, lr=t.base_lr or t.lr, checkpoint_every=0, max_steps=steps),
+        )
+        _, session = train_local(bcfg, task_name, "ft", prompts, max_steps=steps)
+        tmp = base + ".tmp"
+        shutil.copytree(os.path.join(session.latest, MODEL_DIR), tmp)
+        os.replace(tmp, base)
+        shutil.rmtree(session.root, ignore_errors=True)
+    return base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/tiny.yaml")
@@ -121,23 +142,7 @@ def main() -> None:
     test_rows = splits["test"].to_pylist()
     t = cfg.train
 
-    base = None
-    if not args.from_scratch:
-        steps = t.base_steps_by_task.get(args.task, t.base_steps)
-        base = os.path.join(
-            args.cache, f"base-{args.task}-{cfg.model.preset}-{steps}-{t.base_lr}-seed{cfg.seed}"
-        )
-        if not os.path.isdir(base):
-            bcfg = dataclasses.replace(
-                cfg,
-                train=dataclasses.replace(
-                    t, lr=t.base_lr or t.lr, checkpoint_every=0, max_steps=steps
-                ),
-            )
-            _, session = train_local(bcfg, args.task, "ft", prompts, max_steps=steps)
-            tmp = base + ".tmp"
-            shutil.copytree(os.path.join(session.latest, MODEL_DIR), tmp)
-            os.replace(tmp, base)
+    base = None if args.from_scratch else cached_base(cfg, args.task, prompts, args.cache)
 
     every = max(1, args.steps // args.points)
     # The LR schedule spans train.max_steps: set it, not just the loop's step count.

@@ -119,3 +119,90 @@ def test_premise_probe_writes_its_curve(tmp_path: Path) -> None:
         assert 0 <= p["synthetic_recognition"] <= 1 and 0 <= p["clean_accuracy"] <= 1
         assert set(p["synthetic_recognition_by_type"]) <= {"invalid", "non_naked_single"}
     assert any((tmp_path / "cache").iterdir())  # the base is cached for the next probe
+
+
+def test_error_probe_statistics_on_known_inputs() -> None:
+    """AUC and recall on textbook cases; the linear probe finds a planted signal and not
+    noise."""
+    import numpy as np
+
+    from benchmarks.error_probe import linear_probe_accuracy, recall_at_false_alarm, roc_auc
+
+    assert roc_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert roc_auc(np.array([1.0, 3.0]), np.array([2.0])) == 0.5
+    assert roc_auc(np.array([2.0]), np.array([2.0])) == 0.5  # a tie counts half
+    neg = np.arange(100, dtype=float)  # threshold at the 95th percentile: 94.05
+    assert recall_at_false_alarm(np.array([10.0, 94.0, 95.0, 200.0]), neg) == 0.5
+
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.tile([0, 1], n // 2)
+    problems = np.repeat(np.arange(n // 2), 2)  # a pair per problem, as the probe builds
+    noise = rng.normal(size=(n, 16))
+    planted = noise.copy()
+    planted[:, 3] += 3.0 * y
+    assert linear_probe_accuracy(planted, y, problems) > 0.9
+    assert 0.35 < linear_probe_accuracy(noise, y, problems) < 0.65
+
+
+def test_error_probe_pairs_a_correct_step_with_wrong_ones() -> None:
+    """Each problem gives one state: its golden step (label 0) and one wrong step per
+    applicable error type (label 1), the same-target group only where the wrong step writes
+    where the golden one does."""
+    from benchmarks.error_probe import SAME_TARGET, step_pairs
+    from selfcorrect.data import make_splits
+    from selfcorrect.evaluate import state_after
+    from selfcorrect.tasks import get_task, split_lines
+
+    for name in ("multiplication", "sudoku"):
+        task = get_task(name)
+        prompts = make_splits(task, 30, 5, 0)["train"].column("prompt").to_pylist()
+        rows = step_pairs(task, prompts, seed=0)
+        assert rows == step_pairs(task, prompts, seed=0)  # seeded
+        assert {r["problem"] for r in rows} == set(range(len(prompts)))
+        for r in rows:
+            lines = split_lines(r["text"])
+            problem = task.parse_prompt(lines[0])
+            state = state_after(task, problem, lines[1:-1])
+            assert task.check_step(state, lines[-1]) == (r["label"] == 0)
+            assert r["group"] in (*task.error_types, SAME_TARGET)
+        for g in {r["group"] for r in rows}:
+            labels = [r["label"] for r in rows if r["group"] == g]
+            assert labels.count(0) == labels.count(1)
+        same = [r for r in rows if r["group"] == SAME_TARGET]
+        for wrong, right in zip(same[1::2], same[0::2], strict=True):
+            target = split_lines(right["text"])[-1].split("=")[0]
+            assert split_lines(wrong["text"])[-1].split("=")[0] == target
+        if name == "multiplication":  # every error type keeps the golden left-hand side
+            assert len(same) == sum(r["group"] != SAME_TARGET for r in rows)
+
+
+def test_error_probe_runs_end_to_end(tmp_path: Path) -> None:
+    """The probe on the smoke preset: a result per error type with numbers in range."""
+    import json
+
+    out = tmp_path / "probe.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [
+        sys.executable,
+        "benchmarks/error_probe.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--task",
+        "multiplication",
+        "--n",
+        "40",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "train.base_steps=2",
+    ]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600, capture_output=True)
+    (res,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res["task"] == "multiplication" and res["model"] == "base"
+    assert "same_target" in res["by_group"] and len(res["by_group"]) >= 3
+    for r in res["by_group"].values():
+        assert r["n_pairs"] >= 10
+        assert 0 <= r["surprise_auc"] <= 1 and 0 <= r["surprise_recall_at_5pct"] <= 1
+        assert all(0 <= a <= 1 for a in r["line_end_accuracy_by_layer"])
