@@ -10,7 +10,8 @@ random step and builds pairs at that state: the correct golden step against one 
 wrong step of each error type (the injector's own draw). For each error type it reports:
 
 * ``surprise``: how well the model's own next-token probabilities tell the wrong step from
-  the correct one (the lowest log-probability over the step line's tokens): ROC AUC, and the
+  the correct one (``generation.step_surprise``, which eval records for every wrong step as
+  ``wrong_step_surprise``: minus the lowest log-probability among the step's tokens): ROC AUC, and the
   share of wrong steps flagged at a threshold that flags 5% of correct steps. High means the
   model would not have written that step: the information is in its predictions.
 * ``line_end``: test accuracy (chance 0.5) of a logistic regression on the hidden states at
@@ -42,6 +43,7 @@ from benchmarks.premise_probe import cached_base  # noqa: E402
 from selfcorrect.config import load_config  # noqa: E402
 from selfcorrect.data import make_splits, stream_rng  # noqa: E402
 from selfcorrect.evaluate import render_prefix  # noqa: E402
+from selfcorrect.generation import step_surprise  # noqa: E402
 from selfcorrect.tasks import get_task  # noqa: E402
 from selfcorrect.tasks.base import Task  # noqa: E402
 from selfcorrect.tokenizer import frame_text  # noqa: E402
@@ -62,7 +64,7 @@ def step_pairs(task: Task, prompts: list[str], seed: int) -> list[dict[str, Any]
         state = task.initial_state(problem)
         for step in golden[:i]:
             state = task.apply_step(state, step)
-        right = render_prefix(prompt, [*golden[:i], golden[i]])
+        prefix = render_prefix(prompt, golden[:i])
         dists = task.type_distributions(state)
         for etype in task.error_types:
             if not dists.get(etype):
@@ -72,38 +74,32 @@ def step_pairs(task: Task, prompts: list[str], seed: int) -> list[dict[str, Any]
             if wrong.split("=")[0] == golden[i].split("=")[0]:
                 groups.append(SAME_TARGET)
             for g in groups:
-                rows.append({"text": right, "label": 0, "problem": pi, "group": g})
-                rows.append(
-                    {
-                        "text": render_prefix(prompt, [*golden[:i], wrong]),
-                        "label": 1,
-                        "problem": pi,
-                        "group": g,
-                    }
-                )
+                for step, label in ((golden[i], 0), (wrong, 1)):
+                    rows.append(
+                        {
+                            "prefix": prefix,
+                            "step": step,
+                            "text": prefix + step + "\n",
+                            "label": label,
+                            "problem": pi,
+                            "group": g,
+                        }
+                    )
     return rows
 
 
 @torch.no_grad()
-def step_features(model, tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per text: hidden states at the step line's end (its last character and the final
-    newline, every layer: [n, layers + 1, 2 * hidden]), and the model's surprise at the last
-    line (minus its lowest token log-probability)."""
+def line_end_states(model, tok, texts: list[str]) -> np.ndarray:
+    """Per text (a prefix, a step and its newline): the hidden states at the step line's end,
+    its last character and the newline, every layer: [n, layers + 1, 2 * hidden]."""
     model.eval()
-    newline = tok("\n", add_special_tokens=False)["input_ids"]
-    feats, surprise = [], []
+    feats = []
     for text in texts:
         ids = tok(frame_text(tok, text), add_special_tokens=False)["input_ids"]
         out = model(torch.tensor([ids]), output_hidden_states=True)
-        # [layers + 1, 2 * hidden]: the step's last character, then the newline after it.
         ends = [torch.cat([h[0, -2], h[0, -1]]) for h in out.hidden_states]
         feats.append(torch.stack(ends).float().numpy())
-        # The step line runs from after the previous newline to the final one (inclusive).
-        start = max(k for k in range(len(ids) - 1) if ids[k : k + len(newline)] == newline) + 1
-        logp = torch.log_softmax(out.logits[0, :-1].float(), -1)
-        tok_logp = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-        surprise.append(float(-tok_logp[start - 1 :].min()))
-    return np.stack(feats), np.array(surprise)
+    return np.stack(feats)
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -168,10 +164,15 @@ def main() -> None:
 
     rows = step_pairs(task, prompts[: args.n], cfg.seed)
     texts = sorted({r["text"] for r in rows})  # a correct step serves several groups
-    feats, surprise = step_features(model, tok, texts)
     at = {t: i for i, t in enumerate(texts)}
     idx = np.array([at[r["text"]] for r in rows])
-    feats, surprise = feats[idx], surprise[idx]
+    feats = line_end_states(model, tok, texts)[idx]
+    first = {r["text"]: r for r in rows}
+    surprise = np.array(
+        step_surprise(
+            model, tok, [first[t]["prefix"] for t in texts], [first[t]["step"] for t in texts]
+        )
+    )[idx]
     labels = np.array([r["label"] for r in rows])
     problems = np.array([r["problem"] for r in rows])
     groups = np.array([r["group"] for r in rows])

@@ -177,6 +177,37 @@ def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]
     return [c for c in out if c is not None]
 
 
+def add_step_surprise(cfg: Config, model_path: str, rows: list[dict[str, Any]]) -> None:
+    """Set ``wrong_step_surprise`` on every error row: how surprising its wrong step was to
+    this model after its prefix (``generation.step_surprise``). Each distinct (prefix, step)
+    is scored once, on the same kind of actor pool as generation."""
+    import ray
+
+    from selfcorrect.generation import map_step_surprise
+
+    keys = sorted({(r["prefix"], r["wrong_step"]) for r in rows if r.get("wrong_step")})
+    if not keys:
+        return
+    ev = cfg.eval
+    feed = [{"key": i, "prefix": p, "step": w} for i, (p, w) in enumerate(keys)]
+    console.add_total(len(feed))
+    ds = map_step_surprise(
+        ray.data.from_items(feed, override_num_blocks=max(1, min(len(feed), 4 * ev.num_actors))),
+        os.path.abspath(model_path) if not io.is_uri(model_path) else model_path,
+        batch_size=ev.batch_size,
+        num_actors=ev.num_actors,
+        use_gpu=ev.use_gpu,
+        cpus_per_actor=ev.cpus_per_actor,
+    )
+    surprise = {
+        keys[int(rec["key"])]: float(rec["surprise"])
+        for rec in ds.select_columns(["key", "surprise"]).iter_rows()
+    }
+    for r in rows:
+        if r.get("wrong_step"):
+            r["wrong_step_surprise"] = surprise[(r["prefix"], r["wrong_step"])]
+
+
 # ---------------------------------------------------------------------------
 # One model
 # ---------------------------------------------------------------------------
@@ -215,6 +246,7 @@ def evaluate_model(
     completions = generate_completions(cfg, model_path, rows)
     keep = set(conditions) | ({"clean"} if "own_errors" in conditions else set())
     scored = [r for r in score_items(task, rows, completions) if r["condition"] in keep]
+    add_step_surprise(cfg, model_path, scored)
     df = sort_rows(rows_frame(scored))
     out = eval_path(output_dir, task_name, model_name)
     io.write_parquet(out, df)

@@ -126,6 +126,9 @@ ITEM_COLUMNS = [
     "n_false_alarms",
     "n_ok_last_steps",  # clean rows: correct last steps, and recognition lines right after
     "n_false_alarms_last_step",
+    # Error rows: minus the lowest log-probability among the wrong step's tokens under the
+    # evaluated model, after the prefix (nats; generation.step_surprise): its belief in it.
+    "wrong_step_surprise",
 ]
 
 SUMMARY_KEYS = ["task", "model", "condition", "temperature", "error_type"]
@@ -591,6 +594,8 @@ def _summary_row(
     _rate(row, "false_alarm_rate", n_fa, n_ok, _cluster_ci(problem_clusters(per_trace), fa_rng))
     _rate(row, "correction_given_recognition", cor, rec, ci)
     _rate(row, "parrot_given_recognition", par, rec if par_defined.any() else 0 * rec, ci)
+    surprise = g["wrong_step_surprise"] if "wrong_step_surprise" in g else pd.Series([], float)
+    row["mean_wrong_step_surprise"] = float(surprise.mean()) if surprise.notna().any() else math.nan
     row["interval_method"] = CLUSTER_BOOTSTRAP if clustered else WILSON
     row["false_alarm_interval_method"] = CLUSTER_BOOTSTRAP if n_ok.sum() > 0 else None
     return row
@@ -645,7 +650,7 @@ def _summary_columns() -> list[str]:
     cols = SUMMARY_KEYS + ["n", "n_problems", "n_recognized", "n_ok_steps", "n_false_alarms"]
     for r in RATES:
         cols += [r, f"{r}_lo", f"{r}_hi"]
-    return cols + ["interval_method", "false_alarm_interval_method"]
+    return cols + ["mean_wrong_step_surprise", "interval_method", "false_alarm_interval_method"]
 
 
 def empty_rows_frame() -> pd.DataFrame:
@@ -661,6 +666,7 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for c in ("step_index", "seed", *counts):
         df[c] = df[c].astype("Int64")
     df["temperature"] = df["temperature"].astype(float)
+    df["wrong_step_surprise"] = df["wrong_step_surprise"].astype(float)
     return df
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "generate_rollouts",
     "generation_ray_args",
     "map_generate",
+    "map_step_surprise",
+    "step_surprise",
 ]
 
 
@@ -343,6 +345,64 @@ def _generate_batch(
     return out
 
 
+@torch.no_grad()
+def step_surprise(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    steps: Sequence[str],
+    batch_size: int = 64,
+) -> list[float]:
+    """How surprising each ``step`` is to the model right after its ``prefix``: minus the
+    lowest log-probability (nats) among the step's tokens, teacher-forced.
+
+    A step the model would have written itself has a low surprise (at greedy decoding every
+    token is the argmax); a synthetic error usually has a high one. Eval records it for every
+    wrong step, so recognition can be read against the model's belief in the error.
+    """
+    if len(prefixes) != len(steps):
+        raise ValueError(f"got {len(steps)} steps for {len(prefixes)} prefixes")
+    if not prefixes:
+        return []
+    device = next(model.parameters()).device
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    rows: list[tuple[list[int], int]] = []  # (token ids, index of the step's first token)
+    for prefix, step in zip(prefixes, steps, strict=True):
+        if not prefix.endswith("\n"):
+            raise ValueError(f"prefix {prefix[-40:]!r} must end with a newline (render_prefix)")
+        head = frame_text(tokenizer, prefix)  # as in training: the step follows directly
+        enc = tokenizer(head + step.strip(), add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        # The step's first token: the first one that ends inside the step's characters.
+        first = next((k for k, (_, end) in enumerate(offsets) if end > len(head)), len(ids))
+        if first == 0 or first >= len(ids):
+            raise ValueError(f"cannot place step {step!r} after prefix {prefix[:60]!r}...")
+        rows.append((ids, first))
+    out = [0.0] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        for b0 in range(0, len(order), batch_size):
+            batch = order[b0 : b0 + batch_size]
+            T = max(len(rows[i][0]) for i in batch)
+            ids = torch.full((len(batch), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            for r, i in enumerate(batch):  # right padding: no effect on earlier positions
+                ids[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
+                mask[r, : len(rows[i][0])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+            # token_logp[b, t] = log P(ids[b, t + 1] | ids[b, : t + 1]): [B, T - 1]
+            token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
+            for r, i in enumerate(batch):
+                n, first = len(rows[i][0]), rows[i][1]
+                out[i] = float(-token_logp[r, first - 1 : n - 1].min())
+    finally:
+        model.train(was_training)
+    return out
+
+
 def model_context(model: torch.nn.Module) -> int | None:
     """The model's context length in tokens (``max_position_embeddings``), if it declares one."""
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -423,6 +483,41 @@ def map_generate(
     )
 
 
+def map_step_surprise(
+    ds: Any,
+    model_path: str,
+    *,
+    batch_size: int,
+    num_actors: int = 1,
+    use_gpu: bool | None = None,
+    cpus_per_actor: float = 1.0,
+) -> Any:
+    """``ds`` (columns ``prefix``, ``step``) -> ``ds`` plus ``surprise`` (``step_surprise``),
+    on a pool of actors like ``map_generate``'s."""
+    import ray
+
+    if use_gpu is None:
+        use_gpu = cluster_has_gpus()
+    from selfcorrect import console
+
+    spec = console.worker_spec()
+    extra = {"console": spec} if spec else {}
+    return ds.map_batches(
+        SurpriseActor,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "max_new_tokens": 1,
+            "batch_size": batch_size,
+            "use_gpu": use_gpu,
+            "torch_threads": None if use_gpu else max(1, int(cpus_per_actor)),
+            **extra,
+        },
+        **generation_ray_args(use_gpu, cpus_per_actor),
+    )
+
+
 class GenerationActor:
     """Ray Data callable class: one model copy per actor; adds a ``completion`` column.
 
@@ -478,4 +573,27 @@ class GenerationActor:
         self.progress.add(len(prefixes))
         out = dict(batch)
         out["completion"] = completions
+        return out
+
+
+class SurpriseActor(GenerationActor):
+    """Ray Data callable class: the same model copy; adds ``surprise`` (``step_surprise``)
+    for columns ``prefix`` and ``step``. Other columns pass through."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for col in ("prefix", "step"):
+            if col not in batch:
+                raise KeyError(f"SurpriseActor needs a {col!r} column; got {sorted(batch)}")
+        out = dict(batch)
+        out["surprise"] = np.array(
+            step_surprise(
+                self.model,
+                self.tokenizer,
+                [str(p) for p in batch["prefix"]],
+                [str(x) for x in batch["step"]],
+                batch_size=self.batch_size,
+            ),
+            dtype=np.float64,
+        )
+        self.progress.add(len(out["surprise"]))
         return out

@@ -609,6 +609,53 @@ def position_table(run: Run) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+# A wrong step is "surprising" to a model when one of its tokens gets less than 10% there.
+SURPRISING_NATS = math.log(10)
+
+
+def _recognition(g: pd.DataFrame) -> str:
+    n = len(g)
+    if n == 0:
+        return "–"
+    k = int(g["recognized"].astype("boolean").fillna(False).sum())
+    return f"{_fmt(k / n, *wilson(k, n))} (n {n})"
+
+
+def belief_table(run: Run) -> pd.DataFrame | None:
+    """Greedy recognition of each error origin split by whether the wrong step surprised the
+    evaluated model (``wrong_step_surprise`` > ln 10: a token of it below 10% probability).
+    A model's own greedy errors are by construction what it would write; synthetic errors
+    mostly are not. If recognition follows surprise within each origin, the gap is belief as
+    much as origin. Wilson intervals (rows of one problem are treated as independent)."""
+    e = run.evals
+    if e is None or e.empty or "wrong_step_surprise" not in e.columns:
+        return None
+    e = e[e["temperature"] == e.groupby(["task", "model"])["temperature"].transform("min")]
+    e = e[e["condition"].isin(ERROR_CONDITIONS) & e["wrong_step_surprise"].notna()]
+    if e.empty:
+        return None
+    rows = []
+    for task in _order(e["task"], run.tasks):
+        for model in _order(e[e["task"] == task]["model"], MODELS):
+            for cond in ERROR_CONDITIONS:
+                g = e[(e["task"] == task) & (e["model"] == model) & (e["condition"] == cond)]
+                if g.empty:
+                    continue
+                hi = g["wrong_step_surprise"] > SURPRISING_NATS
+                rows.append(
+                    {
+                        "task": task,
+                        "method": model,
+                        "errors": CONDITION_LABEL[cond],
+                        "median surprise (nats)": f"{g['wrong_step_surprise'].median():.2f}",
+                        "surprising": f"{hi.mean():.0%} of {len(g)}",
+                        "recognition, surprising": _recognition(g[hi]),
+                        "recognition, not surprising": _recognition(g[~hi]),
+                    }
+                )
+    return pd.DataFrame(rows) if rows else None
+
+
 def gaps_table(run: Run) -> pd.DataFrame | None:
     """The headline table: per task x method, synthetic minus own / FT / matched recognition,
     ``diff [lo, hi]`` (95%), at greedy decoding."""
@@ -1161,6 +1208,20 @@ SECTIONS = (
         lambda r: None,
         position_table,
         "no per-item eval rows with `last_step` (run rayjobs.evaluate)",
+    ),
+    Section(
+        "belief",
+        "Recognition by the model's belief in the error",
+        "How surprising each wrong step was to the evaluated model right after its prefix "
+        "(`wrong_step_surprise`: minus the lowest log-probability among its tokens, greedy "
+        "rows): *surprising* = a token of it below 10% probability, a step the model would "
+        "not have written. Own greedy errors are by construction steps it would write; "
+        "synthetic ones mostly are not. Compare recognition across origins within a column "
+        "before reading the gap as synthetic versus own.",
+        lambda r: None,
+        belief_table,
+        "no `wrong_step_surprise` in the per-item eval rows (runs from before it was recorded; "
+        "rerun rayjobs.evaluate)",
     ),
     Section(
         "figure6",

@@ -165,6 +165,7 @@ def test_error_probe_pairs_a_correct_step_with_wrong_ones() -> None:
             problem = task.parse_prompt(lines[0])
             state = state_after(task, problem, lines[1:-1])
             assert task.check_step(state, lines[-1]) == (r["label"] == 0)
+            assert r["text"] == r["prefix"] + r["step"] + "\n"
             assert r["group"] in (*task.error_types, SAME_TARGET)
         for g in {r["group"] for r in rows}:
             labels = [r["label"] for r in rows if r["group"] == g]

@@ -22,9 +22,9 @@ from rayjobs.common import JobContext, read_manifest
 from selfcorrect import io
 from selfcorrect.data import load_problems
 from selfcorrect.evaluate import ALL_TYPES, CONDITIONS, ITEM_COLUMNS, RATES, own_errors
-from selfcorrect.generation import generate
+from selfcorrect.generation import generate, step_surprise
 from selfcorrect.loss import LossWeights, collate, encode_example, weighted_lm_loss
-from selfcorrect.models import build_model, save_model
+from selfcorrect.models import build_model, load_model, save_model
 from selfcorrect.stats import GAP_COLUMNS
 from selfcorrect.tasks import get_task, split_lines
 from selfcorrect.traces import build_example
@@ -161,6 +161,17 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
                 assert len(prefix_lines) - 1 == r["step_index"], (r["condition"], r["prefix"])
                 if r["condition"] == "own_errors":
                     assert split_lines(r["completion"])[r["step_index"]] == r["wrong_step"]
+            # Every error row carries the model's surprise at its wrong step (clean rows none),
+            # the value step_surprise gives in this process for the same model.
+            err = rows[rows["condition"] != "clean"]
+            assert (
+                err["wrong_step_surprise"].notna().all() and (err["wrong_step_surprise"] >= 0).all()
+            )
+            assert rows[rows["condition"] == "clean"]["wrong_step_surprise"].isna().all()
+            m, tok = load_model(ctx.path(task, "models", model))
+            some = err.drop_duplicates(["prefix", "wrong_step"]).head(6)
+            want = step_surprise(m, tok, list(some["prefix"]), list(some["wrong_step"]))
+            assert np.allclose(some["wrong_step_surprise"], want, atol=1e-4)
             # The same items at every temperature, and for every model.
             syn = rows[rows["condition"] == "synthetic"]
             by_t = [

@@ -279,3 +279,61 @@ def test_missing_or_corrupt_model_dir_is_one_clear_error(tmp_path, how, match):
     if how != "missing dir":  # a dir the driver cannot see may exist on the actors' node
         with pytest.raises(ModelPathError, match=f"{match}.*(rerun|train it)"):
             map_generate(None, d, max_new_tokens=4, batch_size=4)
+
+
+def test_step_surprise_is_the_teacher_forced_minimum_whatever_the_batching(trained, prefixes):
+    """Minus the lowest log-probability among the step's tokens after the prefix: checked
+    against one plain forward pass per row, for uneven lengths split over batches."""
+    from selfcorrect.generation import step_surprise
+
+    model, tok = trained
+    steps = ["12*3=36", "12*30=360", "1*1=999999", "7"]
+    pre = [prefixes[0], prefixes[1], prefixes[2] + "5*5=25\n", prefixes[3]]
+    got = step_surprise(model, tok, pre, steps, batch_size=3)
+    for p, s, value in zip(pre, steps, got, strict=True):
+        ids = tok(p + s, add_special_tokens=False)["input_ids"]
+        n_prefix = len(tok(p, add_special_tokens=False)["input_ids"])  # one token per char
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = -min(float(logp[t - 1, ids[t]]) for t in range(n_prefix, len(ids)))
+        assert value == pytest.approx(want, abs=1e-4)
+    assert step_surprise(model, tok, [], []) == []
+    with pytest.raises(ValueError, match="newline"):
+        step_surprise(model, tok, ["12*3"], ["=36"])
+
+
+def test_a_models_own_greedy_steps_surprise_it_less_than_synthetic_errors(trained, prefixes):
+    """What eval's ``wrong_step_surprise`` rests on: the model's own greedy first step is
+    what it would write; a synthetic error at the same state mostly is not."""
+    from selfcorrect.generation import step_surprise
+    from selfcorrect.tasks.base import sample_error
+
+    model, tok = trained
+    task = get_task("multiplication", **MUL)
+    rng = np.random.default_rng(0)
+    own = [t.split("\n")[0] for t in generate(model, tok, prefixes, max_new_tokens=30)]
+    wrong = []
+    for p in prefixes:
+        state = task.initial_state(task.parse_prompt(p.strip()))
+        wrong.append(sample_error(task, state, rng)[0])
+    s_own = step_surprise(model, tok, prefixes, own)
+    s_wrong = step_surprise(model, tok, prefixes, wrong)
+    assert max(s_own) < np.log(10)  # greedy: every token is the argmax
+    assert np.mean(s_wrong) > np.mean(s_own) + 1.0
+
+
+def test_surprise_actor_adds_its_column(trained, prefixes, tmp_path):
+    from selfcorrect.generation import SurpriseActor, step_surprise
+
+    model, tok = trained
+    save_model(model, tok, str(tmp_path))
+    actor = SurpriseActor(str(tmp_path), max_new_tokens=1, batch_size=2, torch_threads=1)
+    batch = {
+        "prefix": np.array(prefixes[:3], dtype=object),
+        "step": np.array(["12*3=36", "1*1=1", "9"], dtype=object),
+        "key": np.array([0, 1, 2]),
+    }
+    out = actor(batch)
+    assert list(out["key"]) == [0, 1, 2]
+    want = step_surprise(model, tok, prefixes[:3], ["12*3=36", "1*1=1", "9"])
+    assert np.allclose(out["surprise"], want, atol=1e-5)

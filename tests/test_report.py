@@ -219,6 +219,8 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
                                     "last_step": i % 3 == 0 if err else None,
                                     "n_ok_last_steps": None if err else 1,
                                     "n_false_alarms_last_step": None if err else int(i % 5 == 0),
+                                    # The model's belief in the wrong step (no RNG draw).
+                                    "wrong_step_surprise": (0.5 + (i % 5)) if err else None,
                                 }
                             )
                 df = rows_frame(rows)
@@ -779,3 +781,38 @@ def test_position_table_splits_recognition_at_the_last_step(tmp_path):
     # A run from before `last_step`: the section is skipped, nothing else changes.
     run.evals = run.evals.drop(columns=["last_step"])
     assert position_table(run) is None
+
+
+def test_belief_table_splits_recognition_by_surprise(tmp_path):
+    from selfcorrect.report import SURPRISING_NATS, belief_table
+
+    root = make_synthetic_run(str(tmp_path / "run"))
+    run = load_run(root)
+    table = belief_table(run)
+    e = run.evals
+    for task in TYPES:
+        for cond, label in (("synthetic", "synthetic errors"), ("own_errors", "own errors")):
+            g = e[(e.task == task) & (e.model == "eift") & (e.condition == cond)]
+            g = g[g.temperature == min(TEMPS)]
+            hi = (
+                g["wrong_step_surprise"] > SURPRISING_NATS
+            )  # 2.5, 3.5, 4.5 of 0.5..4.5 (ln 10 = 2.3)
+            assert hi.mean() == 0.6
+            row = table[(table.task == task) & (table.method == "eift") & (table.errors == label)]
+            row = row.iloc[0]
+            assert row["median surprise (nats)"] == f"{g['wrong_step_surprise'].median():.2f}"
+            assert row["surprising"] == f"60% of {len(g)}"
+            for col, part in (
+                ("recognition, surprising", g[hi]),
+                ("recognition, not surprising", g[~hi]),
+            ):
+                rate = part["recognized"].astype(bool).mean()
+                assert row[col].startswith(f"{rate:.2f} [") and row[col].endswith(
+                    f"(n {len(part)})"
+                )
+    assert "clean" not in set(table["errors"])
+    text = open(write_report(root)).read()
+    assert "## Recognition by the model's belief in the error" in text
+    # A run from before the column: the section is skipped with its note.
+    run.evals = run.evals.drop(columns=["wrong_step_surprise"])
+    assert belief_table(run) is None
