@@ -594,7 +594,9 @@ def _summary_row(
     _rate(row, "false_alarm_rate", n_fa, n_ok, _cluster_ci(problem_clusters(per_trace), fa_rng))
     _rate(row, "correction_given_recognition", cor, rec, ci)
     _rate(row, "parrot_given_recognition", par, rec if par_defined.any() else 0 * rec, ci)
-    surprise = g["wrong_step_surprise"] if "wrong_step_surprise" in g else pd.Series([], float)
+    surprise = (
+        g["wrong_step_surprise"] if "wrong_step_surprise" in g else pd.Series([], dtype=float)
+    )
     row["mean_wrong_step_surprise"] = float(surprise.mean()) if surprise.notna().any() else math.nan
     row["interval_method"] = CLUSTER_BOOTSTRAP if clustered else WILSON
     row["false_alarm_interval_method"] = CLUSTER_BOOTSTRAP if n_ok.sum() > 0 else None

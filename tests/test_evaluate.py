@@ -501,6 +501,19 @@ def test_summary_rates_intervals_and_per_type_rows():
     for r in RATES:
         assert {r, f"{r}_lo", f"{r}_hi"} <= set(s.columns)
     assert set(s.reset_index()["condition"]) <= set(CONDITIONS)
+    # Rows without the model's surprise (runs from before it): the mean is undefined.
+    assert s["mean_wrong_step_surprise"].isna().all()
+
+
+def test_summary_means_the_wrong_steps_surprise_per_condition_and_type():
+    rows = [_row("clean", "p0", ok=3)] + [
+        {**_row("synthetic", f"s{i}", etype), "wrong_step_surprise": v}
+        for i, (etype, v) in enumerate([("digit", 4.0), ("digit", 6.0), ("carry", 2.0)])
+    ]
+    s = summarize(rows).set_index(["condition", "error_type"])
+    assert s.loc[("synthetic", ALL_TYPES)]["mean_wrong_step_surprise"] == pytest.approx(4.0)
+    assert s.loc[("synthetic", "digit")]["mean_wrong_step_surprise"] == pytest.approx(5.0)
+    assert math.isnan(s.loc[("clean", ALL_TYPES)]["mean_wrong_step_surprise"])
 
 
 def test_summary_is_order_independent():
