@@ -557,6 +557,16 @@ def _last_step_alarms(clean: pd.DataFrame, task: str, model: str) -> str:
     return f"{_fmt(k / n, *wilson(k, n))} (n {n})"
 
 
+def _by_origin(run: Run, e: pd.DataFrame) -> Iterable[tuple[str, str, str, pd.DataFrame]]:
+    """(task, method, error condition, its rows) in the report's order, non-empty only."""
+    for task in _order(e["task"], run.tasks):
+        for model in _order(e[e["task"] == task]["model"], MODELS):
+            for cond in ERROR_CONDITIONS:
+                g = e[(e["task"] == task) & (e["model"] == model) & (e["condition"] == cond)]
+                if not g.empty:
+                    yield task, model, cond, g
+
+
 def position_table(run: Run) -> pd.DataFrame | None:
     """Greedy recognition of each error origin split by where the error stands: at the
     trace's last step (a recognition line there competes with the ANSWER line) or earlier,
@@ -580,32 +590,25 @@ def position_table(run: Run) -> pd.DataFrame | None:
         "recognition, last step": aggregate(summarize(e[last], seed=seed)),
     }
     rows = []
-    for task in _order(e["task"], run.tasks):
-        for model in _order(e[e["task"] == task]["model"], MODELS):
-            for cond in ERROR_CONDITIONS:
-                g = e[(e["task"] == task) & (e["model"] == model) & (e["condition"] == cond)]
-                if g.empty:
-                    continue
-                share = g["last_step"].astype(bool).mean()
-                row = {
-                    "task": task,
-                    "method": model,
-                    "errors": CONDITION_LABEL[cond],
-                    "at last step": f"{share:.0%} of {len(g)}",
-                }
-                for col, sm in parts.items():
-                    r = sm[(sm["task"] == task) & (sm["model"] == model)]
-                    r = r[r["condition"] == cond]
-                    if r.empty:
-                        row[col] = "–"
-                        continue
-                    x = r.iloc[0]
-                    rate = _fmt(
-                        x["recognition_rate"], x["recognition_rate_lo"], x["recognition_rate_hi"]
-                    )
-                    row[col] = f"{rate} (n {int(x['n'])})"
-                row["flags after a correct last step"] = _last_step_alarms(clean, task, model)
-                rows.append(row)
+    for task, model, cond, g in _by_origin(run, e):
+        share = g["last_step"].astype(bool).mean()
+        row = {
+            "task": task,
+            "method": model,
+            "errors": CONDITION_LABEL[cond],
+            "at last step": f"{share:.0%} of {len(g)}",
+        }
+        for col, sm in parts.items():
+            r = sm[(sm["task"] == task) & (sm["model"] == model)]
+            r = r[r["condition"] == cond]
+            if r.empty:
+                row[col] = "–"
+                continue
+            x = r.iloc[0]
+            rate = _fmt(x["recognition_rate"], x["recognition_rate_lo"], x["recognition_rate_hi"])
+            row[col] = f"{rate} (n {int(x['n'])})"
+        row["flags after a correct last step"] = _last_step_alarms(clean, task, model)
+        rows.append(row)
     return pd.DataFrame(rows) if rows else None
 
 
@@ -635,24 +638,19 @@ def belief_table(run: Run) -> pd.DataFrame | None:
     if e.empty:
         return None
     rows = []
-    for task in _order(e["task"], run.tasks):
-        for model in _order(e[e["task"] == task]["model"], MODELS):
-            for cond in ERROR_CONDITIONS:
-                g = e[(e["task"] == task) & (e["model"] == model) & (e["condition"] == cond)]
-                if g.empty:
-                    continue
-                hi = g["wrong_step_surprise"] > SURPRISING_NATS
-                rows.append(
-                    {
-                        "task": task,
-                        "method": model,
-                        "errors": CONDITION_LABEL[cond],
-                        "median surprise (nats)": f"{g['wrong_step_surprise'].median():.2f}",
-                        "surprising": f"{hi.mean():.0%} of {len(g)}",
-                        "recognition, surprising": _recognition(g[hi]),
-                        "recognition, not surprising": _recognition(g[~hi]),
-                    }
-                )
+    for task, model, cond, g in _by_origin(run, e):
+        hi = g["wrong_step_surprise"] > SURPRISING_NATS
+        rows.append(
+            {
+                "task": task,
+                "method": model,
+                "errors": CONDITION_LABEL[cond],
+                "median surprise (nats)": f"{g['wrong_step_surprise'].median():.2f}",
+                "surprising": f"{hi.mean():.0%} of {len(g)}",
+                "recognition, surprising": _recognition(g[hi]),
+                "recognition, not surprising": _recognition(g[~hi]),
+            }
+        )
     return pd.DataFrame(rows) if rows else None
 
 
