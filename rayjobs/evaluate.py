@@ -246,7 +246,8 @@ def evaluate_model(
     completions = generate_completions(cfg, model_path, rows)
     keep = set(conditions) | ({"clean"} if "own_errors" in conditions else set())
     scored = [r for r in score_items(task, rows, completions) if r["condition"] in keep]
-    add_step_surprise(cfg, model_path, scored)
+    if cfg.eval.surprise:
+        add_step_surprise(cfg, model_path, scored)
     df = sort_rows(rows_frame(scored))
     out = eval_path(output_dir, task_name, model_name)
     io.write_parquet(out, df)

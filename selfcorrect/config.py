@@ -316,6 +316,11 @@ class EvalConfig:
     )
     use_gpu: bool = _f(False, "one GPU per generation actor (bf16); False = CPU")
     cpus_per_actor: int = _f(1, "CPU cores per generation actor (sets torch threads)")
+    surprise: bool = _f(
+        True,
+        "score each wrong step's surprise under the evaluated model (wrong_step_surprise; "
+        "a second actor pool per model and task); false leaves the column empty",
+    )
 
     def validate(self) -> None:
         _check(all(t >= 0 for t in self.temperatures), "eval.temperatures", "must be >= 0")

@@ -1218,8 +1218,8 @@ SECTIONS = (
         "before reading the gap as synthetic versus own.",
         lambda r: None,
         belief_table,
-        "no `wrong_step_surprise` in the per-item eval rows (runs from before it was recorded; "
-        "rerun rayjobs.evaluate)",
+        "no `wrong_step_surprise` in the per-item eval rows (`eval.surprise: false`, or a run "
+        "from before it was recorded; rerun rayjobs.evaluate with `eval.surprise=true`)",
     ),
     Section(
         "figure6",

@@ -188,6 +188,7 @@ TOY_OVERRIDES = [
     "eval.use_gpu=false",
     "eval.batch_size=16",
     "eval.max_new_tokens=48",
+    "eval.surprise=false",  # a second actor pool per model; the smoke run skips it too
     "grpo.steps=2",
     "grpo.group_size=2",
     "grpo.prompts_per_step=4",

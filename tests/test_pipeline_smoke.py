@@ -95,6 +95,12 @@ def test_every_stage_ran_and_wrote_the_design_layout(smoke):
 def test_report_and_figures(smoke):
     out, cfg, _ = smoke
     check_report(out, cfg)
+    # The preset leaves the surprise pass off: the column is empty, the report says how to
+    # get it (the pass itself is test_evaluate_integration's).
+    assert not cfg.eval.surprise
+    rows = io.read_parquet(os.path.join(out, "sudoku", "eval", "eift.parquet")).to_pandas()
+    assert rows["wrong_step_surprise"].isna().all()
+    assert "`eval.surprise=true`" in open(os.path.join(out, "report.md")).read()
 
 
 def test_rerun_skips_every_stage(smoke, capsys):
