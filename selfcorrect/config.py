@@ -55,6 +55,11 @@ class SudokuConfig:
     min_empty: int = _f(6, "fewest empty cells in a puzzle")
     max_empty: int = _f(12, "most empty cells in a puzzle (still solvable by naked singles)")
     error_weights: dict[str, float] = _f({}, "synthetic error type -> weight (empty = uniform)")
+    next_cell_share: float = _f(
+        0.0,
+        "share of `invalid` errors placed in the cell the golden trace fills next, only the "
+        "digit wrong (0 = any empty cell, the paper's injector)",
+    )
 
     def validate(self) -> None:
         _check(
@@ -62,6 +67,7 @@ class SudokuConfig:
             "sudoku.min_empty/max_empty",
             "need 1 <= min_empty <= max_empty <= 16",
         )
+        _check(0.0 <= self.next_cell_share <= 1.0, "sudoku.next_cell_share", "must be in [0, 1]")
         _check_weights(self.error_weights, "sudoku.error_weights", ("invalid", "non_naked_single"))
 
 
@@ -535,7 +541,11 @@ class Config:
                 "digits_a": self.multiplication.digits_a,
                 "digits_b": self.multiplication.digits_b,
             }
-        return {"min_empty": self.sudoku.min_empty, "max_empty": self.sudoku.max_empty}
+        return {
+            "min_empty": self.sudoku.min_empty,
+            "max_empty": self.sudoku.max_empty,
+            "next_cell_share": self.sudoku.next_cell_share,
+        }
 
     def error_weights(self, task: str) -> dict[str, float] | None:
         w = getattr(self, task).error_weights

@@ -54,6 +54,7 @@ def test_bf16_is_true_false_or_auto_and_auto_follows_the_hardware():
         ("tasks=[chess]", "unknown task"),
         ("multiplication.error_weights={carry: -1}", "must be >= 0"),
         ("sudoku.error_weights={typo: 1}", "unknown error type"),
+        ("sudoku.next_cell_share=1.5", "sudoku.next_cell_share.*must be in \\[0, 1\\]"),
         ("train.batch_size=10", "multiple of micro_batch_size"),
         # issue 9: typos in nested sections, wrong types, out-of-range values
         ("model.max_len=100", "did you mean 'model.max_length'"),

@@ -261,8 +261,9 @@ def test_type_frequencies_match_configured_weights(task, prompt, weights):
         (Multiplication(), "5678*1234"),
         (Multiplication(3, 2), "907*58"),
         (Sudoku(), "1... .4.2 2.4. .3.1"),
+        (Sudoku(next_cell_share=0.5), "1... .4.2 2.4. .3.1"),
     ],
-    ids=["mul", "mul-zeros", "sudoku"],
+    ids=["mul", "mul-zeros", "sudoku", "sudoku-next-cell"],
 )
 def test_exact_probability_matches_both_samplers(task, prompt):
     """Per type: the vectorised sampler, the readable one-sample injector and the enumeration agree."""
@@ -286,6 +287,35 @@ def test_exact_probability_matches_both_samplers(task, prompt):
                 c = task.encode_step(state, task.sample_error_of_type(state, etype, rng))
                 one[c] = one.get(c, 0) + 1
             assert _chi2_pvalue(one, dist, m) > 1e-4, etype
+
+
+def test_sudoku_next_cell_share_moves_invalid_errors_to_the_golden_next_cell():
+    """At share 1 every ``invalid`` error is in the cell the golden trace fills next, with only
+    the digit wrong (rejected, still ``invalid``); at 0 the stream is the paper injector's,
+    draw for draw; ``non_naked_single`` never moves."""
+    prompt = "1... .4.2 2.4. .3.1"
+    paper, moved = Sudoku(), Sudoku(next_cell_share=1.0)
+    problem = paper.parse_prompt(prompt)
+    for state, golden in list(_states(paper, problem))[:4]:
+        cell = golden.split("=")[0]
+        rng = np.random.default_rng(0)
+        for _ in range(50):
+            step = moved.sample_error_of_type(state, "invalid", rng)
+            assert step.split("=")[0] == cell and step != golden
+            assert not moved.check_step(state, step)
+            assert classify_error(moved, state, step) == "invalid"
+        codes = moved.sample_codes_of_type(state, "invalid", 500, rng)
+        assert {moved.decode_step(state, c).split("=")[0] for c in codes} == {cell}
+        assert moved.type_distributions(state)["non_naked_single"] == (
+            paper.type_distributions(state)["non_naked_single"]
+        )
+        a, b = np.random.default_rng(3), np.random.default_rng(3)
+        zero = Sudoku(next_cell_share=0.0)
+        assert [paper.sample_error_of_type(state, "invalid", a) for _ in range(20)] == [
+            zero.sample_error_of_type(state, "invalid", b) for _ in range(20)
+        ]
+    with pytest.raises(ValueError, match="next_cell_share"):
+        Sudoku(next_cell_share=1.5)
 
 
 def test_error_probability_of_mixture_sums_to_one():

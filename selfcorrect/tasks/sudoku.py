@@ -92,10 +92,16 @@ class Sudoku:
     name = "sudoku"
     error_types = ("invalid", "non_naked_single")
 
-    def __init__(self, min_empty: int = 6, max_empty: int = 12):
+    def __init__(self, min_empty: int = 6, max_empty: int = 12, next_cell_share: float = 0.0):
         if not 1 <= min_empty <= max_empty <= 16:
             raise ValueError("sudoku needs 1 <= min_empty <= max_empty <= 16")
+        if not 0.0 <= next_cell_share <= 1.0:
+            raise ValueError("sudoku next_cell_share must be in [0, 1]")
         self.min_empty, self.max_empty = min_empty, max_empty
+        # The share of ``invalid`` errors placed in the cell the golden trace fills next (only
+        # the digit is wrong), the rest in a uniformly random empty cell. At 0 (the paper's
+        # injector) a model can flag an unexpected *cell* without checking the digit.
+        self.next_cell_share = float(next_cell_share)
 
     # -- problems ---------------------------------------------------------
     def _random_solution(self, rng: np.random.Generator) -> Grid:
@@ -208,7 +214,8 @@ class Sudoku:
         return _step(int(code) // 10, int(code) % 10)
 
     def _options(self, state: Grid, etype: str) -> list[tuple[int, list[int]]]:
-        """(cell, digits) the injector of ``etype`` chooses from: cell first, then digit."""
+        """(cell, digits) the injector of ``etype`` chooses from: cell first (uniformly, but
+        see ``_next_cell_option``), then digit."""
         out = []
         for cell in range(N * N):
             if state[cell] != 0:
@@ -224,21 +231,46 @@ class Sudoku:
                 out.append((cell, digits))
         return out
 
+    def _next_cell_option(self, state: Grid, etype: str, opts: list) -> int | None:
+        """Index in ``opts`` of the cell the golden trace fills next, when ``etype`` places a
+        share of its errors there (``invalid`` with ``next_cell_share`` > 0); else None."""
+        if etype != "invalid" or self.next_cell_share == 0.0:
+            return None
+        singles = naked_singles(state)
+        if not singles:  # a stuck grid (after a wrong step): no golden next cell
+            return None
+        return next((i for i, (c, _) in enumerate(opts) if c == singles[0][0]), None)
+
+    def _cell_weights(self, state: Grid, etype: str, opts: list) -> np.ndarray:
+        """Probability of each option's cell: uniform, with ``next_cell_share`` moved to the
+        golden next cell for ``invalid``."""
+        w = np.full(len(opts), 1.0 / len(opts)) if opts else np.zeros(0)
+        j = self._next_cell_option(state, etype, opts)
+        if j is not None:
+            w *= 1.0 - self.next_cell_share
+            w[j] += self.next_cell_share
+        return w
+
     def type_distributions(self, state: Grid) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {}
         for etype in self.error_types:
             dist: dict[int, float] = defaultdict(float)
             opts = self._options(state, etype)
-            for cell, digits in opts:
+            for (cell, digits), w in zip(opts, self._cell_weights(state, etype, opts), strict=True):
                 for d in digits:
-                    dist[cell * 10 + d] += 1 / len(opts) / len(digits)
+                    dist[cell * 10 + d] += w / len(digits)
             out[etype] = dict(dist)
         return out
 
     def sample_error_of_type(self, state: Grid, etype: str, rng: np.random.Generator) -> str:
-        """Readable one-sample injector: a random eligible empty cell, then a random bad digit."""
+        """Readable one-sample injector: a random eligible empty cell (the golden next cell
+        with probability ``next_cell_share`` for ``invalid``), then a random bad digit."""
         opts = self._options(state, etype)
-        cell, digits = opts[int(rng.integers(len(opts)))]
+        i = int(rng.integers(len(opts)))
+        j = self._next_cell_option(state, etype, opts)
+        if j is not None and rng.random() < self.next_cell_share:
+            i = j
+        cell, digits = opts[i]
         return _step(cell, digits[int(rng.integers(len(digits)))])
 
     def sample_codes_of_type(
@@ -252,5 +284,8 @@ class Sudoku:
         for i, (_, digits) in enumerate(opts):
             table[i, : len(digits)] = digits
         which = rng.integers(0, len(opts), n)
+        nxt = self._next_cell_option(state, etype, opts)
+        if nxt is not None:  # no extra draw at share 0: the paper's stream is unchanged
+            which[rng.random(n) < self.next_cell_share] = nxt
         j = (rng.random(n) * sizes[which]).astype(np.int64)
         return cells[which] * 10 + table[which, j]
