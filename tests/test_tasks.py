@@ -306,8 +306,9 @@ def test_sudoku_next_cell_share_moves_invalid_errors_to_the_golden_next_cell():
             assert classify_error(moved, state, step) == "invalid"
         codes = moved.sample_codes_of_type(state, "invalid", 500, rng)
         assert {moved.decode_step(state, c).split("=")[0] for c in codes} == {cell}
-        assert moved.type_distributions(state)["non_naked_single"] == (
-            paper.type_distributions(state)["non_naked_single"]
+        assert (
+            moved.type_distributions(state)["non_naked_single"]
+            == (paper.type_distributions(state)["non_naked_single"])
         )
         a, b = np.random.default_rng(3), np.random.default_rng(3)
         zero = Sudoku(next_cell_share=0.0)
