@@ -289,10 +289,11 @@ def test_interrupted_pipeline_reruns_to_identical_results(reference, tmp_path, s
 # ---------------------------------------------------------------------------
 
 
-def test_same_seed_same_results_other_seed_differs(reference, tmp_path):
-    same, other = str(tmp_path / "same"), str(tmp_path / "other")
-    run_pipeline(same, seed=0)
-    assert_same_results(reference, same)
+def test_other_seed_differs(reference, tmp_path):
+    """Seed 1 changes every result. (Seed 0 again gives the same ones: every interrupted run
+    above is finished in fresh processes and compared with the reference, FT weights
+    included, so a second plain seed-0 run would add minutes and no check.)"""
+    other = str(tmp_path / "other")
     run_pipeline(other, seed=1)
     for rel in RESULTS:
         if rel.endswith("eval_summary.parquet"):
