@@ -256,7 +256,17 @@ CHECKPOINT = f"{TASK}/models/.ft-ray/*/checkpoint_manager_snapshot.json"
     [
         (signal.SIGTERM, "ft", 8.0),
         (signal.SIGKILL, "ft", CHECKPOINT),
-        (signal.SIGKILL, "harvest", 4.0),
+        # The same path as the eval kill (a Ray Data stage, redone from scratch on rerun):
+        # outside the suite's time budget unless SELFCORRECT_ALL_FAULTS=1.
+        pytest.param(
+            signal.SIGKILL,
+            "harvest",
+            4.0,
+            marks=pytest.mark.skipif(
+                os.environ.get("SELFCORRECT_ALL_FAULTS") != "1",
+                reason="set SELFCORRECT_ALL_FAULTS=1 (same path as sigkill-eval; ~3 min)",
+            ),
+        ),
         (signal.SIGKILL, "eval", 3.0),
     ],
     ids=["sigterm-ft", "sigkill-ft-checkpointed", "sigkill-harvest", "sigkill-eval"],
