@@ -40,7 +40,7 @@ RAY = os.path.join(BIN, "ray")
 # tokens join the BPE vocabulary). Every stage and method of a paper preset runs in
 # test_paper_pipeline.py (paper-multiplication on the Qwen2 stand-in with LoRA), and of both
 # tasks in test_pipeline_smoke.py; GRPO and the sweep are left out here to keep the suite's
-# time (they add about five minutes and nothing that is the job submission's).
+# time (they added three and a half minutes and nothing that is the job submission's).
 PRESET = "configs/paper-sudoku.yaml"
 PIPELINE = ["python", "-m", "rayjobs.pipeline", "--config", PRESET]
 NARROW = ["train.methods=[insec]", "grpo.enabled=false", "tune.enabled=false"]
