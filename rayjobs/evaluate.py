@@ -13,6 +13,7 @@ headline gap (synthetic minus own / FT / matched recognition) with 95% intervals
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,8 +32,9 @@ from rayjobs.common import (
     init_ray,
     job_main,
     parse_args,
-    run_stage,
     save_resolved_config,
+    stage,
+    stage_done,
 )
 from selfcorrect import console, io
 from selfcorrect.config import Config
@@ -140,11 +142,14 @@ def expand_temperatures(
 # ---------------------------------------------------------------------------
 
 
-def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]]) -> list[str]:
+def generate_completions(
+    cfg: Config, model_path: str | None, rows: list[dict[str, Any]]
+) -> list[str]:
     """Continue every row's ``prefix`` with its ``seed`` and ``temperature``, in input order.
 
     One model copy per actor (``GenerationActor``); rows are matched back by key,
-    so the order Ray Data returns them in does not matter.
+    so the order Ray Data returns them in does not matter. ``model_path=None``: each row
+    names its model in ``model_path`` (several models, one pass; rows grouped by model).
     """
     import ray
 
@@ -153,15 +158,20 @@ def generate_completions(cfg: Config, model_path: str, rows: list[dict[str, Any]
     if not rows:
         return []
     ev = cfg.eval
+
+    def local(path: str) -> str:  # actors may run in another cwd
+        return path if io.is_uri(path) else os.path.abspath(path)
+
     feed = [
         {"key": i, "prefix": r["prefix"], "seed": int(r["seed"]), "temperature": r["temperature"]}
+        | ({} if model_path is not None else {"model_path": local(r["model_path"])})
         for i, r in enumerate(rows)
     ]
     n_blocks = max(1, min(math.ceil(len(feed) / ev.batch_size), 4 * ev.num_actors))
     console.add_total(len(feed))  # the stage's progress bar counts generated rows
     ds = map_generate(
         ray.data.from_items(feed, override_num_blocks=n_blocks),
-        os.path.abspath(model_path) if not io.is_uri(model_path) else model_path,
+        None if model_path is None else local(model_path),
         max_new_tokens=ev.max_new_tokens,
         batch_size=ev.batch_size,
         num_actors=ev.num_actors,
@@ -228,33 +238,64 @@ def evaluate_model(
     for ft_errors). Returns the summary rows (DESIGN 7 columns, aggregate rows with
     ``error_type == "all"`` plus one row per error type). Ray must be initialised.
     """
+    return evaluate_models(
+        cfg, task_name, {model_name: model_path}, output_dir, conditions, temperatures
+    )[model_name]
+
+
+def evaluate_models(
+    cfg: Config,
+    task_name: str,
+    models: dict[str, str],
+    output_dir: str,
+    conditions: Sequence[str] | None = None,
+    temperatures: Sequence[float] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``evaluate_model`` for several models (name -> saved model dir) of one task, their
+    generations in ONE Ray Data pass: one actor pool for the task instead of one per model
+    (on small models the pool's start-up was most of the stage). Every model gets the same
+    items and sampling seeds, as before; returns name -> summary rows."""
+    from selfcorrect.models import check_model_dir
+
     conditions = list(conditions if conditions is not None else cfg.eval.conditions)
     temperatures = [float(t) for t in (temperatures or cfg.eval.temperatures)]
-    if not io.exists(io.join(model_path, "config.json")):
-        raise FileNotFoundError(
-            f"no saved model at {model_path} (config.json missing); train it first "
-            "(python -m rayjobs.train) or remove it from eval.models"
-        )
+    for model_path in models.values():
+        if not io.exists(io.join(model_path, "config.json")):
+            raise FileNotFoundError(
+                f"no saved model at {model_path} (config.json missing); train it first "
+                "(python -m rayjobs.train) or remove it from eval.models"
+            )
+        if not io.is_uri(model_path):
+            check_model_dir(model_path)  # a corrupt model: one message, not an actor crash
     t0 = time.time()
     task = get_task(task_name, **cfg.task_options(task_name))
     items = build_items(cfg, task_name, output_dir, conditions)
-    rows = expand_temperatures(items, task_name, model_name, temperatures, cfg.seed)
-    print(
-        f"[eval] {task_name}/{model_name}: {len(items)} items x {len(temperatures)} "
-        f"temperatures = {len(rows)} generations"
-    )
-    completions = generate_completions(cfg, model_path, rows)
+    rows = {
+        name: expand_temperatures(items, task_name, name, temperatures, cfg.seed) for name in models
+    }
+    for name, r in rows.items():
+        print(
+            f"[eval] {task_name}/{name}: {len(items)} items x {len(temperatures)} "
+            f"temperatures = {len(r)} generations"
+        )
+    feed = [{**r, "model_path": models[name]} for name in models for r in rows[name]]
+    completions = generate_completions(cfg, None, feed)
     keep = set(conditions) | ({"clean"} if "own_errors" in conditions else set())
-    scored = [r for r in score_items(task, rows, completions) if r["condition"] in keep]
-    if cfg.eval.surprise:
-        add_step_surprise(cfg, model_path, scored)
-    df = sort_rows(rows_frame(scored))
-    out = eval_path(output_dir, task_name, model_name)
-    io.write_parquet(out, df)
-    summary = summarize(df, seed=cfg.seed)
-    summary = summary[summary["condition"].isin(conditions)]
-    print(f"[eval] {task_name}/{model_name}: {len(df)} rows -> {out} ({time.time() - t0:.1f}s)")
-    return summary.to_dict("records")
+    out: dict[str, list[dict[str, Any]]] = {}
+    start = 0
+    for name, model_path in models.items():
+        done = completions[start : start + len(rows[name])]
+        start += len(rows[name])
+        scored = [r for r in score_items(task, rows[name], done) if r["condition"] in keep]
+        if cfg.eval.surprise:
+            add_step_surprise(cfg, model_path, scored)
+        df = sort_rows(rows_frame(scored))
+        path = eval_path(output_dir, task_name, name)
+        io.write_parquet(path, df)
+        summary = summarize(df, seed=cfg.seed)
+        out[name] = summary[summary["condition"].isin(conditions)].to_dict("records")
+        print(f"[eval] {task_name}/{name}: {len(df)} rows -> {path} ({time.time() - t0:.1f}s)")
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -319,14 +360,28 @@ def run(ctx: JobContext) -> list[str]:
         skipped = [m for m in cfg.eval.models if m not in found[task]]
         if skipped:
             print(f"[eval] {task}: no saved model for {skipped}, not evaluated")
+        hashes = {m: eval_hash(ctx, task, m) for m in found[task]}
+        pending = []
+        for model in found[task]:
+            if stage_done(ctx, f"{task}/eval/{model}", hashes[model]):
+                console.note(f"[skip] {task}/eval/{model}: outputs exist for this config")
+            else:
+                pending.append(model)
+        if pending:
+            # One pass for every model still to evaluate, each its own manifest stage;
+            # quiet mode logs it to logs/<task>/eval/<model>+<model>.log.
+            scope = f"{task}/eval/" + "+".join(pending)
+            with console.stage_scope(scope), contextlib.ExitStack() as stack:
+                recs = {
+                    m: stack.enter_context(stage(ctx, f"{task}/eval/{m}", hashes[m]))
+                    for m in pending
+                }
+                paths = {m: ctx.path(task, "models", m) for m in pending}
+                evaluate_models(cfg, task, paths, ctx.output_dir)
+                for m, rec in recs.items():
+                    rec["artifacts"].append(f"{task}/eval/{m}.parquet")
         task_summary = []
         for model in found[task]:
-
-            def do(rec: dict, task: str = task, model: str = model) -> None:
-                evaluate_model(cfg, task, ctx.path(task, "models", model), model, ctx.output_dir)
-                rec["artifacts"].append(f"{task}/eval/{model}.parquet")
-
-            run_stage(ctx, f"{task}/eval/{model}", eval_hash(ctx, task, model), do)
             # The summary is a pure function of the item rows: rebuilt even for skipped stages.
             df = io.read_parquet(eval_path(ctx.output_dir, task, model)).to_pandas()
             s = summarize(df, seed=cfg.seed)

@@ -13,19 +13,23 @@ the driver checks that no sample is lost or duplicated before writing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from rayjobs.common import (
     JobContext,
     init_ray,
     job_main,
     parse_args,
-    run_stage,
     save_resolved_config,
+    stage,
+    stage_done,
 )
 from selfcorrect import console, io
 from selfcorrect.config import Config
@@ -75,26 +79,48 @@ def harvest(
     Returns a summary (accuracy, n_errors, error types, paths). ``actor_cls``
     replaces ``GenerationActor`` (fault-injection tests).
     """
+    return harvest_splits(
+        cfg, task_name, model_path, model_name, [split], output_dir, actor_cls=actor_cls
+    )[split]
+
+
+def harvest_splits(
+    cfg: Config,
+    task_name: str,
+    model_path: str,
+    model_name: str,
+    splits: list[str],
+    output_dir: str,
+    *,
+    actor_cls: type | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``harvest`` for several splits in ONE Ray Data pass: one actor pool (and one model
+    load per actor) instead of one per split, which on a small model is most of the time.
+    Returns split -> summary; each split's files are written as ``harvest`` writes them."""
     import ray
 
     hc = cfg.harvest
     task = get_task(task_name, **cfg.task_options(task_name))
-    problems = io.read_parquet(
-        io.join(output_dir, task_name, "data", f"{split}.parquet"), required=DATA_COLUMNS
-    )
-    if hc.max_problems:
-        problems = problems.slice(0, hc.max_problems)
-    requests = requests_table(
-        problems,
-        samples_per_problem=hc.samples_per_problem,
-        temperature=hc.temperature,
-        seed=cfg.seed,
-    )
-    t0 = time.time()
-    console.add_total(requests.num_rows)  # the stage's progress bar counts generated rows
-    # One block per generation batch, so every actor of the pool gets work.
+    requests, blocks = {}, []
     bs = hc.batch_size
-    blocks = [requests.slice(i, bs) for i in range(0, requests.num_rows, bs)]
+    for split in splits:
+        problems = io.read_parquet(
+            io.join(output_dir, task_name, "data", f"{split}.parquet"), required=DATA_COLUMNS
+        )
+        if hc.max_problems:
+            problems = problems.slice(0, hc.max_problems)
+        req = requests_table(
+            problems,
+            samples_per_problem=hc.samples_per_problem,
+            temperature=hc.temperature,
+            seed=cfg.seed,
+        )
+        requests[split] = req
+        req = req.append_column("split", pa.array([split] * req.num_rows, pa.string()))
+        # One block per generation batch (each of one split), so every actor gets work.
+        blocks += [req.slice(i, bs) for i in range(0, req.num_rows, bs)]
+    t0 = time.time()
+    console.add_total(sum(r.num_rows for r in requests.values()))  # the bar counts rows
     ds = ray.data.from_arrow(blocks)
     ds = map_generate(
         ds,
@@ -111,30 +137,34 @@ def harvest(
         score_batch,
         batch_size=bs,
         batch_format="numpy",
-        fn_kwargs={"task": task, "model_name": model_name, "split": split},
+        fn_kwargs={"task": task, "model_name": model_name},
         # Verifying is light; with zero CPUs it never waits behind a pool that holds every core.
         num_cpus=0,
     )
-    errors, outcomes = split_results(ds.take_all())
-    check_complete(outcomes, requests)
-
-    rel_err, rel_out = harvest_paths(task_name, model_name, split)
-    io.write_parquet(io.join(output_dir, rel_err), errors)
-    io.write_parquet(io.join(output_dir, rel_out), outcomes)
-    summary = summarize(errors, outcomes)
-    summary.update(
-        task=task_name,
-        model=model_name,
-        split=split,
-        seconds=round(time.time() - t0, 2),
-        artifacts=[rel_err, rel_out],
-    )
-    print(
-        f"[harvest] {task_name}/{model_name}/{split}: {summary['n_samples']} samples, "
-        f"accuracy {summary['accuracy']:.3f}, {summary['n_errors']} errors "
-        f"{summary['error_types']} in {summary['seconds']}s -> {rel_err}, {rel_out}"
-    )
-    return summary
+    scored = ds.take_all()
+    seconds = round(time.time() - t0, 2)
+    summaries = {}
+    for split in splits:
+        errors, outcomes = split_results([r for r in scored if r["split"] == split])
+        check_complete(outcomes, requests[split])
+        rel_err, rel_out = harvest_paths(task_name, model_name, split)
+        io.write_parquet(io.join(output_dir, rel_err), errors)
+        io.write_parquet(io.join(output_dir, rel_out), outcomes)
+        summary = summarize(errors, outcomes)
+        summary.update(
+            task=task_name,
+            model=model_name,
+            split=split,
+            seconds=seconds,
+            artifacts=[rel_err, rel_out],
+        )
+        print(
+            f"[harvest] {task_name}/{model_name}/{split}: {summary['n_samples']} samples, "
+            f"accuracy {summary['accuracy']:.3f}, {summary['n_errors']} errors "
+            f"{summary['error_types']} in {seconds}s (all splits) -> {rel_err}, {rel_out}"
+        )
+        summaries[split] = summary
+    return summaries
 
 
 def harvest_hash(cfg: Config, task_name: str, model_path: str) -> str:
@@ -145,7 +175,8 @@ def harvest_hash(cfg: Config, task_name: str, model_path: str) -> str:
 
 
 def run(ctx: JobContext) -> None:
-    """Harvest the FT model of every task on every split in ``harvest.splits``."""
+    """Harvest the FT model of every task on every split in ``harvest.splits``: the splits
+    still to do in one pass, each recorded in the manifest as its own stage."""
     init_ray(ctx.cfg)
     for task_name in ctx.cfg.tasks:
         model_path = ctx.path(task_name, "models", "ft")
@@ -154,21 +185,29 @@ def run(ctx: JobContext) -> None:
                 f"no FT model at {model_path}; train it first: python -m rayjobs.train "
                 f"--output-dir {ctx.output_dir}"
             )
+        h = harvest_hash(ctx.cfg, task_name, model_path)
+        pending = []
         for split in ctx.cfg.harvest.splits:
-
-            def body(
-                rec: dict, task_name: str = task_name, split: str = split, path: str = model_path
-            ) -> None:
-                summary = harvest(ctx.cfg, task_name, path, "ft", split, ctx.output_dir)
-                rec["artifacts"].extend(summary.pop("artifacts"))
-                rec["summary"] = summary
-
-            run_stage(
-                ctx,
-                f"{task_name}/harvest/ft-{split}",
-                harvest_hash(ctx.cfg, task_name, model_path),
-                body,
+            key = f"{task_name}/harvest/ft-{split}"
+            if stage_done(ctx, key, h):
+                console.note(f"[skip] {key}: outputs exist for this config")
+            else:
+                pending.append(split)
+        if not pending:
+            continue
+        # Quiet mode: one log for the pass, logs/<task>/harvest/ft-<split>+<split>.log.
+        scope = f"{task_name}/harvest/ft-" + "+".join(pending)
+        with console.stage_scope(scope), contextlib.ExitStack() as stack:
+            recs = {
+                split: stack.enter_context(stage(ctx, f"{task_name}/harvest/ft-{split}", h))
+                for split in pending
+            }
+            summaries = harvest_splits(
+                ctx.cfg, task_name, model_path, "ft", pending, ctx.output_dir
             )
+            for split, rec in recs.items():
+                rec["artifacts"].extend(summaries[split].pop("artifacts"))
+                rec["summary"] = summaries[split]
 
 
 @job_main

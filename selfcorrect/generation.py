@@ -439,7 +439,7 @@ def cluster_has_gpus() -> bool:
 
 def map_generate(
     ds: Any,
-    model_path: str,
+    model_path: str | None,
     *,
     max_new_tokens: int,
     batch_size: int,
@@ -452,13 +452,14 @@ def map_generate(
 
     A fixed pool of ``num_actors`` actors, one model copy each; GPUs are used
     when the cluster has them (``use_gpu=None``). ``actor_cls`` swaps in a
-    subclass of ``GenerationActor`` (fault-injection tests do this).
+    subclass of ``GenerationActor`` (fault-injection tests do this). ``model_path=None``:
+    every row names its model in a ``model_path`` column (check those on the driver).
     """
     import ray
 
     from selfcorrect.models import check_model_dir
 
-    if "://" not in model_path and os.path.exists(model_path):
+    if model_path is not None and "://" not in model_path and os.path.exists(model_path):
         # A corrupt model fails here with one message, not as a crash in every actor.
         check_model_dir(model_path)
     if use_gpu is None:
@@ -522,12 +523,15 @@ class GenerationActor:
     """Ray Data callable class: one model copy per actor; adds a ``completion`` column.
 
     Input columns: ``prefix`` (str), ``seed`` (int), ``temperature`` (float; may
-    vary per row — rows are grouped by temperature). Other columns pass through.
+    vary per row — rows are grouped by temperature). Other columns pass through. With a
+    ``model_path`` column, each row is continued by the model it names (several models in
+    one pass, one actor pool: the eval stage's way of paying one pool start-up per task);
+    the actor keeps one model loaded at a time, so feed rows grouped by model.
     """
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | None,
         max_new_tokens: int,
         batch_size: int = 64,
         use_gpu: bool = False,
@@ -535,19 +539,32 @@ class GenerationActor:
         console: dict[str, Any] | None = None,
     ) -> None:
         from selfcorrect import console as _console
-        from selfcorrect.models import load_model
 
         _console.attach_worker(console)  # quiet mode: output to the stage's log
         self.progress = _console.Progress(console)
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model, self.tokenizer = load_model(model_path, dtype=dtype, device=device)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.loaded: str | None = None
+        if model_path is not None:
+            self._load(model_path)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
         self.pid = os.getpid()
+
+    def _load(self, model_path: str) -> None:
+        """Make ``model_path`` the actor's model (the previous one is released first)."""
+        from selfcorrect.models import load_model
+
+        if model_path == self.loaded:
+            return
+        self.model = self.tokenizer = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model, self.tokenizer = load_model(model_path, dtype=dtype, device=self.device)
+        self.loaded = model_path
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for col in ("prefix", "seed", "temperature"):
@@ -556,20 +573,28 @@ class GenerationActor:
         prefixes = [str(p) for p in batch["prefix"]]
         seeds = np.asarray(batch["seed"]).astype(np.int64)
         temps = np.asarray(batch["temperature"]).astype(np.float64)
+        if "model_path" in batch:
+            paths = np.asarray([str(p) for p in batch["model_path"]], dtype=object)
+        elif self.loaded is None:
+            raise KeyError("GenerationActor without a model_path needs a 'model_path' column")
+        else:
+            paths = np.full(len(prefixes), self.loaded, dtype=object)
         completions = np.empty(len(prefixes), dtype=object)
-        for temp in np.unique(temps):
-            idx = np.flatnonzero(temps == temp)
-            texts = generate(
-                self.model,
-                self.tokenizer,
-                [prefixes[i] for i in idx],
-                max_new_tokens=self.max_new_tokens,
-                temperature=float(temp),
-                seeds=[int(seeds[i]) for i in idx],
-                batch_size=self.batch_size,
-            )
-            for i, t in zip(idx, texts, strict=True):
-                completions[i] = t
+        for path in dict.fromkeys(paths):  # in order of first appearance
+            self._load(path)
+            for temp in np.unique(temps[paths == path]):
+                idx = np.flatnonzero((paths == path) & (temps == temp))
+                texts = generate(
+                    self.model,
+                    self.tokenizer,
+                    [prefixes[i] for i in idx],
+                    max_new_tokens=self.max_new_tokens,
+                    temperature=float(temp),
+                    seeds=[int(seeds[i]) for i in idx],
+                    batch_size=self.batch_size,
+                )
+                for i, t in zip(idx, texts, strict=True):
+                    completions[i] = t
         self.progress.add(len(prefixes))
         out = dict(batch)
         out["completion"] = completions

@@ -233,8 +233,13 @@ def score_sample(task: Task, problem: Problem, prompt: str, completion: str) -> 
     return out
 
 
-def score_batch(batch: dict[str, np.ndarray], task: Task, model_name: str, split: str) -> pa.Table:
-    """Ray Data batch (requests + ``completion``) -> one row per sample, outcome + error fields."""
+def score_batch(
+    batch: dict[str, np.ndarray], task: Task, model_name: str, split: str | None = None
+) -> pa.Table:
+    """Ray Data batch (requests + ``completion``) -> one row per sample, outcome + error fields.
+
+    ``split`` names the batch's split; None reads it from the batch's ``split`` column (one
+    pass over several splits)."""
     rows = []
     for i in range(len(batch["problem_id"])):
         prompt = str(batch["prompt"][i])
@@ -248,7 +253,7 @@ def score_batch(batch: dict[str, np.ndarray], task: Task, model_name: str, split
                 "problem_id": pid,
                 "task": task.name,
                 "model": model_name,
-                "split": split,
+                "split": split if split is not None else str(batch["split"][i]),
                 "prompt": prompt,
                 "completion": str(batch["completion"][i]),
                 "sample_index": s_idx,

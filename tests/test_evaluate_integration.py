@@ -261,10 +261,15 @@ def test_same_seed_same_numbers(ray_session, trained_run):
     model_dir = ctx.path(task, "models", "eift")
     kw = dict(conditions=["clean", "synthetic", "own_errors"], temperatures=[0.0, 1.0])
     a = eval_job.evaluate_model(cfg, task, model_dir, "rerun-a", ctx.output_dir, **kw)
-    b = eval_job.evaluate_model(cfg, task, model_dir, "rerun-b", ctx.output_dir, **kw)
+    # The same model again, now in one pass after another model (as the eval stage runs a
+    # task's models): the actors switch models mid-pass and must give the lone pass's rows.
+    models = {"rerun-ft": ctx.path(task, "models", "ft"), "rerun-b": model_dir}
+    b = eval_job.evaluate_models(cfg, task, models, ctx.output_dir, **kw)["rerun-b"]
     ra = io.read_parquet(eval_job.eval_path(ctx.output_dir, task, "rerun-a")).to_pandas()
     rb = io.read_parquet(eval_job.eval_path(ctx.output_dir, task, "rerun-b")).to_pandas()
     pd.testing.assert_frame_equal(ra.drop(columns="model"), rb.drop(columns="model"))
+    rft = io.read_parquet(eval_job.eval_path(ctx.output_dir, task, "rerun-ft")).to_pandas()
+    assert rft["completion"].tolist() != rb["completion"].tolist(), "one model wrote both"
     sa, sb = pd.DataFrame(a).drop(columns="model"), pd.DataFrame(b).drop(columns="model")
     pd.testing.assert_frame_equal(sa, sb)
     assert set(sa["condition"]) == {"clean", "synthetic", "own_errors"}

@@ -193,6 +193,36 @@ def test_bad_arguments_are_clear(trained):
     assert generate(model, tok, [], max_new_tokens=4) == []
 
 
+def test_generation_actor_follows_a_model_path_column(trained, prefixes, tmp_path):
+    """Several models in one pass (the eval stage's): each row is continued by the model its
+    ``model_path`` names, rows of two models interleaved in one batch."""
+    import copy
+
+    model, tok = trained
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    save_model(model, tok, a)
+    save_model(other, tok, b)
+    actor = GenerationActor(None, max_new_tokens=30, batch_size=4, torch_threads=1)
+    batch = {
+        "prefix": np.array(prefixes[:4], dtype=object),
+        "seed": np.array([1, 2, 3, 4]),
+        "temperature": np.zeros(4),
+        "model_path": np.array([a, b, a, b], dtype=object),
+    }
+    out = actor(batch)
+    want_a = generate(model, tok, [prefixes[0], prefixes[2]], max_new_tokens=30)
+    want_b = generate(other, tok, [prefixes[1], prefixes[3]], max_new_tokens=30)
+    assert list(out["completion"]) == [want_a[0], want_b[0], want_a[1], want_b[1]]
+    assert want_a != generate(other, tok, [prefixes[0], prefixes[2]], max_new_tokens=30)
+    with pytest.raises(KeyError, match="model_path"):
+        actor_without = GenerationActor(None, max_new_tokens=4)
+        actor_without({k: v for k, v in batch.items() if k != "model_path"})
+
+
 def test_generation_actor_adds_completion_column(trained, prefixes, tmp_path):
     """The Ray Data callable, called directly: same texts as ``generate``, per-row temperature."""
     model, tok = trained

@@ -79,8 +79,8 @@ def test_quiet_console_and_stage_logs(smoke):
         assert f"[train] {task}/base step" in train_log
         for rel in (
             "eift+hybrid+insec.log",
-            "harvest/ft-train.log",
-            "eval/eift.log",
+            "harvest/ft-train+test.log",  # both splits, one Ray Data pass
+            "eval/ft+eift+hybrid+insec+grpo.log",  # every model, one Ray Data pass
             "grpo.log",
             "tune.log",
         ):

@@ -64,6 +64,7 @@ NARROW = [
     "ray.num_cpus=2",
 ]
 TASK = "multiplication"
+ALL_FAULTS = os.environ.get("SELFCORRECT_ALL_FAULTS") == "1"
 # Everything a run writes that must be reproducible (paths relative to the output dir).
 RESULTS = [
     f"{TASK}/data/train.parquet",
@@ -135,8 +136,8 @@ def run_pipeline(out: str, seed: int = 0, timeout: float = 900) -> float:
 
 def interrupt_pipeline(out: str, stage: str, sig: int, after: float | str) -> str:
     """Start the pipeline, send ``sig`` to the driver ``after`` seconds into ``stage`` (or,
-    for a string, once that glob under ``out`` matches, plus 5 s), then stop the Ray
-    processes the driver left (its process group). Returns its output."""
+    for a string, as soon as this run writes a file matching that glob under ``out``), then
+    stop the Ray processes the driver left (its process group). Returns its output."""
     tmp = _ray_tmp()
     proc = subprocess.Popen(
         # --verbose: the "<stage>: start" lines this waits for (a quiet console has bars instead)
@@ -165,7 +166,11 @@ def interrupt_pipeline(out: str, stage: str, sig: int, after: float | str) -> st
             raise AssertionError(f"stage {stage} never started:\n{''.join(lines)[-3000:]}")
         if isinstance(after, str):
             t0 = time.time()
-            while not glob.glob(os.path.join(out, after)) and proc.poll() is None:
+
+            def written() -> bool:  # by this run (an earlier one may have left the file)
+                return any(os.path.getmtime(p) >= t0 for p in glob.glob(os.path.join(out, after)))
+
+            while not written() and proc.poll() is None:
                 assert time.time() - t0 < 600, f"{after} never appeared"
                 time.sleep(0.2)
             after = 0.0  # the glob names Ray Train's own record of a registered checkpoint
@@ -251,46 +256,46 @@ def reference(tmp_path_factory) -> str:
 CHECKPOINT = f"{TASK}/models/.ft-ray/*/checkpoint_manager_snapshot.json"
 
 
-@pytest.mark.parametrize(
-    ("sig", "stage", "after"),
-    [
-        (signal.SIGTERM, "ft", 8.0),
-        (signal.SIGKILL, "ft", CHECKPOINT),
-        # The same path as the eval kill (a Ray Data stage, redone from scratch on rerun):
-        # outside the suite's time budget unless SELFCORRECT_ALL_FAULTS=1.
-        pytest.param(
-            signal.SIGKILL,
-            "harvest",
-            4.0,
-            marks=pytest.mark.skipif(
-                os.environ.get("SELFCORRECT_ALL_FAULTS") != "1",
-                reason="set SELFCORRECT_ALL_FAULTS=1 (same path as sigkill-eval; ~3 min)",
-            ),
-        ),
-        (signal.SIGKILL, "eval", 3.0),
-    ],
-    ids=["sigterm-ft", "sigkill-ft-checkpointed", "sigkill-harvest", "sigkill-eval"],
-)
-def test_interrupted_pipeline_reruns_to_identical_results(reference, tmp_path, sig, stage, after):
+# The interruptions, in the order one run meets them; each is followed by a rerun, and the
+# last rerun must reproduce the reference. A harvest kill takes the eval kill's path (a Ray
+# Data stage, redone from scratch): it joins the chain with SELFCORRECT_ALL_FAULTS=1.
+INTERRUPTIONS = [
+    ("sigterm-ft", signal.SIGTERM, "ft", 8.0),
+    ("sigkill-ft-checkpointed", signal.SIGKILL, "ft", CHECKPOINT),
+    *([("sigkill-harvest", signal.SIGKILL, "harvest", 4.0)] if ALL_FAULTS else []),
+    ("sigkill-eval", signal.SIGKILL, "eval", 3.0),
+]
+
+
+def test_interrupted_pipeline_reruns_to_identical_results(reference, tmp_path):
+    """One output dir meets every interruption in turn: SIGTERM in FT (a clean stop), SIGKILL
+    once FT has a checkpoint (the rerun resumes from it), SIGKILL in eval. After each, nothing
+    is half-written; the final rerun in fresh processes gives the reference's results and FT
+    weights. (One chain rather than one run per case: every rerun also starts from a
+    directory an earlier kill left, and the suite pays one pipeline instead of three.)"""
     out = str(tmp_path / "run")
-    log = interrupt_pipeline(out, stage, sig, after)
-    killed_at = time.time()
-    check_nothing_half_written(out)
-    stages = json.loads(Path(out, "manifest.json").read_text())["stages"]
-    unfinished = {k: v["status"] for k, v in stages.items() if v["status"] != "done"}
-    assert unfinished, f"the {stage} stage finished before the interruption:\n{log[-2000:]}"
-    if sig == signal.SIGTERM:
-        # SIGTERM is a clean stop: the stage is recorded as failed, and no temp file is left.
-        assert set(unfinished.values()) == {"failed"}, unfinished
+    killed_at: dict[str, float] = {}
+    for case, sig, stage, after in INTERRUPTIONS:
+        log = interrupt_pipeline(out, stage, sig, after)
+        killed_at[case] = time.time()
+        check_nothing_half_written(out)
+        stages = json.loads(Path(out, "manifest.json").read_text())["stages"]
+        unfinished = {k: v["status"] for k, v in stages.items() if v["status"] != "done"}
+        assert unfinished, f"{case}: the {stage} stage finished first:\n{log[-2000:]}"
+        if sig == signal.SIGTERM:
+            # SIGTERM is a clean stop: the stage is recorded as failed.
+            assert set(unfinished.values()) == {"failed"}, (case, unfinished)
+        if after == CHECKPOINT:  # the next run resumes training from the checkpoint
+            assert glob.glob(os.path.join(out, CHECKPOINT)), case
     run_pipeline(out)
     assert check_nothing_half_written(out) == [], "a rerun must clear interrupted temp files"
-    if after == CHECKPOINT:  # the rerun resumed training from the checkpoint, not from scratch
-        state = json.loads(Path(out, TASK, "models", "ft", "train_state.json").read_text())
-        # From the step-4 checkpoint, or from the final step-8 one when the kill landed after
-        # training but before the model was published, or not at all when the killed run's
-        # worker published it (it may outlive the driver by a moment: the model then started
-        # before the kill); never from scratch in the rerun.
-        assert state["resumed_at"] in ([4], [8]) or state["started"] < killed_at, state
+    state = json.loads(Path(out, TASK, "models", "ft", "train_state.json").read_text())
+    # FT was finished by the run after the checkpointed kill: from the step-4 checkpoint, or
+    # from the final step-8 one when the kill landed after training but before the model was
+    # published, or not at all when the killed run's worker published it (it may outlive the
+    # driver by a moment: the model then started before the kill); never from scratch.
+    ckpt_kill = killed_at["sigkill-ft-checkpointed"]
+    assert state["resumed_at"] in ([4], [8]) or state["started"] < ckpt_kill, state
     assert_same_results(reference, out)
 
 
