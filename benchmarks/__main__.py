@@ -1,6 +1,6 @@
 """Run every benchmark on this machine and rewrite BENCHMARKS.md.
 
-    python -m benchmarks [--only train,compile,generation,grpo,coverage,pipeline] [--quick]
+    python -m benchmarks [--only train,compile,generation,eval,grpo,coverage,pipeline] [--quick]
                          [--out BENCHMARKS.md] [--tiny-run runs/tiny] [--threads 2]
 
 Every figure in the file is a ratio measured side by side in this one run (the sides
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_info, load_avg  # noqa: E402
 
-NAMES = ("train", "compile", "generation", "grpo", "coverage", "pipeline")
+NAMES = ("train", "compile", "generation", "eval", "grpo", "coverage", "pipeline")
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -58,6 +58,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             "coverage": dict(
                 errors=10, samples=500, naive_errors=1, naive_samples=200, rounds=1, ray_cpus=0
             ),
+            "eval": dict(models=2, problems=4, rounds=1, cpus=threads),
         }
     return {
         "train": dict(steps=3, rounds=5, threads=threads),
@@ -71,6 +72,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
         "coverage": dict(
             errors=100, samples=10_000, naive_errors=2, naive_samples=500, rounds=3, ray_cpus=2
         ),
+        "eval": dict(models=5, problems=20, rounds=3, cpus=threads),
     }
 
 
@@ -85,6 +87,8 @@ def _runner(name: str) -> Callable[..., dict[str, Any]]:
         from benchmarks.bench_grpo import run
     elif name == "coverage":
         from benchmarks.bench_coverage import run
+    elif name == "eval":
+        from benchmarks.bench_eval import run
     else:
         from benchmarks.pipeline_times import run
     return run
@@ -348,6 +352,36 @@ def md_coverage(r: dict[str, Any]) -> list[str]:
     )
 
 
+def md_eval(r: dict[str, Any]) -> list[str]:
+    g, sec = r["generations_per_s"], r["seconds"]
+    per = ", ".join(
+        f"{a / b:.2f}" for a, b in zip(r["rates"]["one_pass"], r["rates"]["per_model"], strict=True)
+    )
+    lines = [
+        f"`benchmarks/bench_eval.py`: the eval stage's generation for {r['models']} models of "
+        f"one task (random-initialised `{r['preset']}` models, the `smoke` preset's eval: "
+        f"{r['generations']} generations in all, up to {r['max_new_tokens']} new tokens) on a "
+        f"local Ray with {r['cpus']} CPUs, actor-pool start-up and model loads included. Per "
+        "model: `rayjobs.evaluate.evaluate_model` once per model (one actor pool each, the "
+        "stage before). One pass: `evaluate_models` (one pool; its actors switch models). "
+        f"Both wrote the same rows. {r['rounds']} alternating rounds.",
+        "",
+    ]
+    lines += _table(
+        ["side", "generations/s", "wall s", "one pass / per model"],
+        [
+            ["per model", _n(g["per_model"], 1), _n(sec["per_model"], 1), ""],
+            [
+                "one pass",
+                _n(g["one_pass"], 1),
+                _n(sec["one_pass"], 1),
+                _x(r["one_pass_over_per_model"]),
+            ],
+        ],
+    )
+    return lines + ["", f"Per-round ratios: {per}."]
+
+
 def md_pipeline(r: dict[str, Any]) -> list[str]:
     if not r.get("found"):
         where = " (no manifest.json in the `--tiny-run` directory)" if r.get("run_dir") else ""
@@ -432,6 +466,7 @@ RENDER = {
     "train": ("Supervised training (EIFT, masked loss)", md_train),
     "compile": ("Compiled training (`train.compile`)", md_compile),
     "generation": ("Generation (harvest / eval)", md_generation),
+    "eval": ("Eval stage: one Ray Data pass for every model of a task", md_eval),
     "grpo": ("GRPO step", md_grpo),
     "coverage": ("Coverage sampling", md_coverage),
     "pipeline": ("Whole `tiny` pipeline: wall time per stage", md_pipeline),
@@ -470,6 +505,13 @@ def headline(results: dict[str, Any]) -> list[str]:
     if "ours_over_single" in g:
         add("generation tokens/s", "HF generate, one at a time", g["ours_over_single"])
         add("generation tokens/s", "HF generate, batched", g["ours_over_hf_batched"])
+    e = results.get("eval", {})
+    if "one_pass_over_per_model" in e:
+        add(
+            f"eval generations/s, {e['models']} models",
+            "one actor pool per model",
+            e["one_pass_over_per_model"],
+        )
     gr = results.get("grpo", {})
     if "step_time_trl_over_ours" in gr:
         add("GRPO step time (TRL s / ours s)", "TRL GRPOTrainer", gr["step_time_trl_over_ours"])
