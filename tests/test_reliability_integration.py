@@ -346,7 +346,23 @@ def test_injected_errors_follow_their_rng_streams(reference):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", ["node_loss_train", "node_loss_harvest"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "node_loss_train",
+        # Ray Data restarts the lost actor elsewhere and re-runs its batches: the recovery
+        # test_harvest.py's killed-actor test checks on one node. Outside the suite's time
+        # budget (~4 min) unless SELFCORRECT_ALL_FAULTS=1.
+        pytest.param(
+            "node_loss_harvest",
+            marks=pytest.mark.skipif(
+                not ALL_FAULTS,
+                reason="set SELFCORRECT_ALL_FAULTS=1 (the killed-actor harvest test's recovery "
+                "path, across nodes; ~4 min)",
+            ),
+        ),
+    ],
+)
 def test_node_loss_on_simulated_cluster(scenario, tmp_path):
     tmp = _ray_tmp()
     script = os.path.join(REPO, "tests", "faults", f"{scenario}.py")
