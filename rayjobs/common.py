@@ -262,6 +262,27 @@ def run_stage(
     return True
 
 
+@contextlib.contextmanager
+def stages_in_one_pass(
+    ctx: JobContext, hashes: dict[str, str], scope: str
+) -> Iterator[dict[str, dict[str, Any]]]:
+    """Several stages one pass produces (a task's harvest splits, its eval models): yields
+    key -> manifest record for those not done with the same config (empty: nothing to do),
+    each recorded running, then done or failed with the pass. Quiet mode logs the pass to
+    ``logs/<scope>.log``."""
+    pending = {}
+    for key, config_hash in hashes.items():
+        if stage_done(ctx, key, config_hash):
+            console.note(f"[skip] {key}: outputs exist for this config")
+        else:
+            pending[key] = config_hash
+    if not pending:
+        yield {}
+        return
+    with console.stage_scope(scope), contextlib.ExitStack() as stack:
+        yield {k: stack.enter_context(stage(ctx, k, h)) for k, h in pending.items()}
+
+
 def save_resolved_config(ctx: JobContext) -> None:
     """Write config.yaml; refuse to mix results of a different experiment unless --overwrite."""
     p = ctx.path("config.yaml")

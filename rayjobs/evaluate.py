@@ -13,7 +13,6 @@ headline gap (synthetic minus own / FT / matched recognition) with 95% intervals
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -33,8 +32,7 @@ from rayjobs.common import (
     job_main,
     parse_args,
     save_resolved_config,
-    stage,
-    stage_done,
+    stages_in_one_pass,
 )
 from selfcorrect import console, io
 from selfcorrect.config import Config
@@ -360,26 +358,18 @@ def run(ctx: JobContext) -> list[str]:
         skipped = [m for m in cfg.eval.models if m not in found[task]]
         if skipped:
             print(f"[eval] {task}: no saved model for {skipped}, not evaluated")
-        hashes = {m: eval_hash(ctx, task, m) for m in found[task]}
-        pending = []
-        for model in found[task]:
-            if stage_done(ctx, f"{task}/eval/{model}", hashes[model]):
-                console.note(f"[skip] {task}/eval/{model}: outputs exist for this config")
-            else:
-                pending.append(model)
-        if pending:
-            # One pass for every model still to evaluate, each its own manifest stage;
-            # quiet mode logs it to logs/<task>/eval/<model>+<model>.log.
-            scope = f"{task}/eval/" + "+".join(pending)
-            with console.stage_scope(scope), contextlib.ExitStack() as stack:
-                recs = {
-                    m: stack.enter_context(stage(ctx, f"{task}/eval/{m}", hashes[m]))
-                    for m in pending
-                }
-                paths = {m: ctx.path(task, "models", m) for m in pending}
+        hashes = {f"{task}/eval/{m}": eval_hash(ctx, task, m) for m in found[task]}
+        # One pass for every model still to evaluate, each its own manifest stage; quiet
+        # mode logs it to logs/<task>/eval/<model>+<model>.log.
+        scope = f"{task}/eval/" + "+".join(found[task])
+        with stages_in_one_pass(ctx, hashes, scope) as recs:
+            paths = {
+                m: ctx.path(task, "models", m) for m in found[task] if f"{task}/eval/{m}" in recs
+            }
+            if paths:
                 evaluate_models(cfg, task, paths, ctx.output_dir)
-                for m, rec in recs.items():
-                    rec["artifacts"].append(f"{task}/eval/{m}.parquet")
+            for m in paths:
+                recs[f"{task}/eval/{m}"]["artifacts"].append(f"{task}/eval/{m}.parquet")
         task_summary = []
         for model in found[task]:
             # The summary is a pure function of the item rows: rebuilt even for skipped stages.

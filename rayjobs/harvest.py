@@ -13,7 +13,6 @@ the driver checks that no sample is lost or duplicated before writing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
@@ -28,8 +27,7 @@ from rayjobs.common import (
     job_main,
     parse_args,
     save_resolved_config,
-    stage,
-    stage_done,
+    stages_in_one_pass,
 )
 from selfcorrect import console, io
 from selfcorrect.config import Config
@@ -186,28 +184,19 @@ def run(ctx: JobContext) -> None:
                 f"--output-dir {ctx.output_dir}"
             )
         h = harvest_hash(ctx.cfg, task_name, model_path)
-        pending = []
-        for split in ctx.cfg.harvest.splits:
-            key = f"{task_name}/harvest/ft-{split}"
-            if stage_done(ctx, key, h):
-                console.note(f"[skip] {key}: outputs exist for this config")
-            else:
-                pending.append(split)
-        if not pending:
-            continue
-        # Quiet mode: one log for the pass, logs/<task>/harvest/ft-<split>+<split>.log.
-        scope = f"{task_name}/harvest/ft-" + "+".join(pending)
-        with console.stage_scope(scope), contextlib.ExitStack() as stack:
-            recs = {
-                split: stack.enter_context(stage(ctx, f"{task_name}/harvest/ft-{split}", h))
-                for split in pending
-            }
+        keys = {split: f"{task_name}/harvest/ft-{split}" for split in ctx.cfg.harvest.splits}
+        # Quiet mode: one log for the pass, logs/<task>/harvest/ft-train+test.log.
+        scope = f"{task_name}/harvest/ft-" + "+".join(keys)
+        with stages_in_one_pass(ctx, {k: h for k in keys.values()}, scope) as recs:
+            pending = [split for split, key in keys.items() if key in recs]
+            if not pending:
+                continue
             summaries = harvest_splits(
                 ctx.cfg, task_name, model_path, "ft", pending, ctx.output_dir
             )
-            for split, rec in recs.items():
-                rec["artifacts"].extend(summaries[split].pop("artifacts"))
-                rec["summary"] = summaries[split]
+            for split in pending:
+                recs[keys[split]]["artifacts"].extend(summaries[split].pop("artifacts"))
+                recs[keys[split]]["summary"] = summaries[split]
 
 
 @job_main
