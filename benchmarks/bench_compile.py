@@ -44,7 +44,8 @@ from selfcorrect.training import ExampleStream  # noqa: E402
 
 
 def _step(model: Any, opt: Any, b: dict[str, torch.Tensor], bf16: bool) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    device = b["input_ids"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     loss, _ = weighted_lm_loss(logits, b, b["loss_weight"][:, 1:].sum())
     loss.backward()
@@ -52,21 +53,35 @@ def _step(model: Any, opt: Any, b: dict[str, torch.Tensor], bf16: bool) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def steady_loop(cfg: Any, batches: list[dict[str, torch.Tensor]], bf16: bool, compiled: bool):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time what ran, not what was queued
+        torch.cuda.synchronize()
+
+
+def steady_loop(
+    cfg: Any,
+    batches: list[dict[str, torch.Tensor]],
+    bf16: bool,
+    compiled: bool,
+    mode: str | None = None,
+):
     """Returns a side: tokens/s (non-padding) of one pass over ``batches`` after a warm-up
-    pass (which compiles every shape when ``compiled``)."""
+    pass (which compiles every shape when ``compiled``). Runs where ``batches`` live."""
+    device = batches[0]["input_ids"].device
     model, _ = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
-    model.train()
-    fwd = torch.compile(model, dynamic=False) if compiled else model
+    model.to(device).train()
+    fwd = torch.compile(model, dynamic=False, mode=mode) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     for b in batches:  # warm-up: every shape seen (and compiled) once
         _step(fwd, opt, b, bf16)
     tokens = sum(float(b["attention_mask"].sum()) for b in batches)
 
     def side() -> float:
+        _sync(device)
         t = time.perf_counter()
         for b in batches:
             _step(fwd, opt, b, bf16)
+        _sync(device)
         return tokens / (time.perf_counter() - t)
 
     return side
@@ -81,18 +96,23 @@ torch.set_num_threads({threads})
 from selfcorrect.models import build_model
 from benchmarks.bench_compile import _step
 model, tok = build_model({preset!r}, {max_length}, 0)
+model.to({device!r})
 fwd = torch.compile(model, dynamic=False)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-ids = torch.randint(3, len(tok), (32, {length}))
+ids = torch.randint(3, len(tok), (32, {length}), device={device!r})
 b = {{"input_ids": ids, "attention_mask": torch.ones_like(ids),
       "loss_weight": torch.ones(ids.shape), "ul_weight": torch.zeros(ids.shape),
       "span_kind": torch.zeros_like(ids), "fa_target": torch.full_like(ids, -1)}}
 _step(fwd, opt, b, {bf16})
+if {device!r} == "cuda":
+    torch.cuda.synchronize()
 print(time.time() - t0)
 """
 
 
-def compile_cost(cfg: Any, bf16: bool, threads: int, length: int) -> dict[str, float]:
+def compile_cost(
+    cfg: Any, bf16: bool, threads: int, length: int, device: str = "cpu"
+) -> dict[str, float]:
     """Seconds from process start to the end of the first compiled step (one shape): with an
     empty Inductor cache, then again in a new process that finds that cache."""
     code = _FIRST_STEP.format(
@@ -102,6 +122,7 @@ def compile_cost(cfg: Any, bf16: bool, threads: int, length: int) -> dict[str, f
         max_length=cfg.model.max_length,
         length=length,
         bf16=bf16,
+        device=device,
     )
     out = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -126,21 +147,35 @@ def run(
     threads: int = 2,
     rounds: int = 3,
     overrides: Sequence[str] = (),
+    device: str = "cpu",
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     res: dict[str, Any] = {"config": config, "task": task, "method": method, "steps": steps}
-    res.update(rounds=rounds, threads=threads, load_avg_start=load_avg())
+    res.update(rounds=rounds, threads=threads, device=device, load_avg_start=load_avg())
+    if device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(0)
+        overrides = [*overrides, "train.use_gpu=true"]
     base = bench_config(config, overrides, steps, threads)
-    bf16 = resolve_bf16(base.train.bf16, torch.device("cpu"))
+    bf16 = resolve_bf16(base.train.bf16, torch.device(device))
     pad = base.train.compile_pad_to
     prompts = bench_prompts(base, task)
     _, tok = build_model(base.model.preset, base.model.max_length)
     stream = ExampleStream(base, task, method, prompts, tok)
-    batches = [collate(stream.local_batch(s, 0, 1), tok.pad_token_id, pad) for s in range(steps)]
+    batches = [
+        {
+            k: v.to(device)
+            for k, v in collate(stream.local_batch(s, 0, 1), tok.pad_token_id, pad).items()
+        }
+        for s in range(steps)
+    ]
     sides = {
         "eager": steady_loop(base, batches, bf16, compiled=False),
         "compiled": steady_loop(base, batches, bf16, compiled=True),
     }
+    if device == "cuda":  # CUDA graphs: a tiny model's step is kernel-launch bound on a GPU
+        sides["compiled_cudagraphs"] = steady_loop(
+            base, batches, bf16, compiled=True, mode="reduce-overhead"
+        )
     med, rates = alternate(sides, rounds)
     shapes = sorted({tuple(b["input_ids"].shape) for b in batches})
     res["steady"] = {
@@ -151,7 +186,9 @@ def run(
         "rates": rates,
         "compiled_over_eager": median_ratio(rates, "compiled", "eager"),
     }
-    res["compile_cost"] = compile_cost(base, bf16, threads, shapes[-1][1])
+    if "compiled_cudagraphs" in sides:
+        res["steady"]["cudagraphs_over_eager"] = median_ratio(rates, "compiled_cudagraphs", "eager")
+    res["compile_cost"] = compile_cost(base, bf16, threads, shapes[-1][1], device)
     # End to end: the loop as the preset runs it, a fresh model per side, compile included.
     on = bench_config(config, overrides, steps, threads, "train.compile=true")
 
@@ -177,9 +214,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    res = run(args.config, args.task, "eift", args.steps, args.threads, args.rounds, args.overrides)
+    res = run(
+        args.config,
+        args.task,
+        "eift",
+        args.steps,
+        args.threads,
+        args.rounds,
+        args.overrides,
+        args.device,
+    )
     print(json.dumps(res))
 
 

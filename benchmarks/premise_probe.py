@@ -155,10 +155,13 @@ def main() -> None:
     )
     train_s = time.time() - t0
     model, tok = build_training_model(cfg, base)
+    model.to("cuda" if t.use_gpu else "cpu")  # train.use_gpu=true: train and decode on the GPU
     curve = []
     for d in sorted(Path(session.root).glob("checkpoint_*")):
         state = json.loads((d / "trainer_state.json").read_text())
-        model.load_state_dict(torch.load(d / TORCH_STATE, weights_only=True)["model"])
+        model.load_state_dict(
+            torch.load(d / TORCH_STATE, weights_only=True, map_location="cpu")["model"]
+        )
         point = {"step": state["step"], **state["history"][-1]}
         point.update(premise(model, tok, task, test_rows, cfg.seed, args.n, 128))
         curve.append(point)

@@ -69,16 +69,31 @@ def token_weights(
     w = np.zeros(n, dtype=np.float32)
     ul = np.zeros(n, dtype=np.float32)
     kind = np.full(n, int(Span.PROMPT), dtype=np.int8)
+    if n == 0:
+        return w, ul, kind
     char_w = np.array([weights.of(k) for k in range(len(Span))], dtype=np.float32)
-    for i, (s, e) in enumerate(offsets):
-        if e <= s:
-            continue
-        kinds = char_labels[s:e]
-        kind[i] = kinds[0]
-        w[i] = char_w[kinds].min()
-        wrong_only = np.all((kinds == Span.MISTAKE) | (kinds == Span.WRONG))
-        if weights.mistake_loss == "unlikelihood" and wrong_only and np.any(kinds == Span.MISTAKE):
-            ul[i] = weights.w_unlikelihood
+    se = np.asarray(offsets, dtype=np.int64).reshape(n, 2)  # [n_tokens, (start, end)]
+    live = np.flatnonzero(se[:, 1] > se[:, 0])  # special tokens have no characters
+    if live.size == 0:
+        return w, ul, kind
+    s, e = se[live, 0], se[live, 1]
+    if np.any(s[1:] < e[:-1]):
+        raise ValueError("token offsets overlap: expected a tokenizer's offset_mapping")
+    # One reduction per token over its characters [s, e): reduceat over the interleaved
+    # bounds [s0, e0, s1, e1, ...] reduces [s_i, e_i) at even positions (odd ones are gaps).
+    bounds = np.stack([s, e], axis=1).ravel()  # [2 * n_live]
+    labels = np.append(char_labels, char_labels[-1:]).astype(np.int64)  # e may equal len(text)
+
+    def per_token(values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+        return ufunc.reduceat(values, bounds)[::2]
+
+    kind[live] = labels[s]  # a token takes the kind of its first character
+    w[live] = per_token(char_w[labels], np.minimum)  # any zero-weight character zeroes it
+    if weights.mistake_loss == "unlikelihood":
+        wrong = ((labels == Span.MISTAKE) | (labels == Span.WRONG)).astype(np.int8)
+        mistake = (labels == Span.MISTAKE).astype(np.int8)
+        hit = (per_token(wrong, np.minimum) == 1) & (per_token(mistake, np.maximum) == 1)
+        ul[live[hit]] = weights.w_unlikelihood
     return w, ul, kind
 
 

@@ -520,10 +520,12 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
         )
     n_micro = t.batch_size // (t.micro_batch_size * world)
     torch.set_num_threads(max(1, t.cpus_per_worker))
-    if t.use_gpu:
+    if t.use_gpu and use_ray:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
+    elif t.use_gpu:  # train_local on a GPU box (notebooks, probes): this process's GPU
+        device = torch.device("cuda")
     else:
         device = torch.device("cpu")
     torch.manual_seed(cfg.seed + rank)

@@ -338,3 +338,46 @@ def test_wrong_step_tokens_give_exactly_zero_gradient():
     loss, _ = weighted_lm_loss(logits, only_wrong, torch.tensor(1.0))
     (g,) = torch.autograd.grad(loss, logits)
     assert torch.count_nonzero(g) == 0
+
+
+def _reference_token_weights(offsets, labels, w: LossWeights):
+    """The per-token rule, one token at a time (what the vectorised ``token_weights`` does)."""
+    n = len(offsets)
+    tw, ul, kind = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.int8)
+    for i, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        kinds = labels[s:e]
+        kind[i] = kinds[0]
+        tw[i] = min(w.of(int(k)) for k in kinds)
+        wrong_only = all(int(k) in (Span.MISTAKE, Span.WRONG) for k in kinds)
+        if w.mistake_loss == "unlikelihood" and wrong_only and Span.MISTAKE in kinds:
+            ul[i] = w.w_unlikelihood
+    return tw, ul, kind
+
+
+@pytest.mark.parametrize("mistake_loss", ["mask", "unlikelihood"])
+def test_token_weights_match_the_per_token_rule(mistake_loss, bpe_tokenizer):
+    w = LossWeights(w_recognition=0.5, w_correction=2.0, w_decision=3.0, mistake_loss=mistake_loss)
+    for task in TASKS:
+        for seed in range(10):
+            for ex in _all_examples(task, seed)[1]:
+                labels = ex.char_labels()
+                enc = bpe_tokenizer(ex.text, add_special_tokens=False, return_offsets_mapping=True)
+                # a special token with no characters in front, as a chat template adds
+                offsets = [(0, 0), *enc["offset_mapping"]]
+                got = token_weights(offsets, labels, w)
+                want = _reference_token_weights(offsets, labels, w)
+                for g, x in zip(got, want, strict=True):
+                    np.testing.assert_array_equal(g, x)
+    # hand-built: the last token ends at the text's end; a token straddling WRONG/MISTAKE
+    labels = np.array([Span.GOLDEN, Span.WRONG, Span.MISTAKE, Span.WRONG, Span.RECOGNITION])
+    offsets = [(0, 1), (1, 3), (3, 4), (4, 5)]
+    tw, ul, kind = token_weights(offsets, labels, w)
+    assert tw.tolist() == [1.0, 0.0, 0.0, 0.5]
+    assert kind.tolist() == [Span.GOLDEN, Span.WRONG, Span.WRONG, Span.RECOGNITION]
+    assert ul.tolist() == (
+        [0.0, w.w_unlikelihood, 0.0, 0.0] if mistake_loss == "unlikelihood" else [0.0] * 4
+    )
+    with pytest.raises(ValueError, match="overlap"):
+        token_weights([(0, 2), (1, 3)], labels, w)

@@ -216,27 +216,31 @@ class Multiplication:
             out.update(digit={}, digit_close={}, two_digits={})
             return out
 
+        # Replacing digits of s changes t by (new - old) * place: integer arithmetic, the same
+        # results as rebuilding the string (this runs for every step of every training trace).
+        place = [10 ** (L - 1 - p) for p in range(L)]
         digit: dict[int, float] = defaultdict(float)
         for pos in range(L):
-            opts = _digit_options(s, pos)
+            opts, old = _digit_options(s, pos), int(s[pos])
             for new in opts:
-                digit[_replace(s, pos, str(new))] += 1 / L / len(opts)
+                digit[t + (new - old) * place[pos]] += 1 / L / len(opts)
         out["digit"] = dict(digit)
 
         close: dict[int, float] = defaultdict(float)
         close_pos = [p for p in range(L) if _close_options(s, p)]
         for pos in close_pos:
-            opts = _close_options(s, pos)
+            opts, old = _close_options(s, pos), int(s[pos])
             for new in opts:
-                close[_replace(s, pos, str(new))] += 1 / len(close_pos) / len(opts)
+                close[t + (new - old) * place[pos]] += 1 / len(close_pos) / len(opts)
         out["digit_close"] = dict(close)
 
         two: dict[int, float] = defaultdict(float)
         if L >= 2:
             for pos in range(L - 1):
-                opts = _pair_options(s, pos)
-                for pair in opts:
-                    two[_replace(s, pos, pair)] += 1 / (L - 1) / len(opts)
+                old = int(s[pos : pos + 2])
+                opts = [x for x in range(100) if x != old and not (pos == 0 and x < 10)]
+                for x in opts:
+                    two[t + (x - old) * place[pos + 1]] += 1 / (L - 1) / len(opts)
         out["two_digits"] = dict(two)
         return out
 
