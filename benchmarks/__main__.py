@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_info, load_avg  # noqa: E402
 
-NAMES = ("train", "compile", "generation", "eval", "grpo", "coverage", "pipeline")
+NAMES = ("train", "compile", "examples", "generation", "eval", "grpo", "coverage", "pipeline")
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -59,6 +59,9 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
                 errors=10, samples=500, naive_errors=1, naive_samples=200, rounds=1, ray_cpus=0
             ),
             "eval": dict(models=2, problems=4, rounds=1, cpus=threads),
+            "examples": dict(
+                batches=1, steps=1, rounds=1, methods=("eift",), overrides=["model.preset=nano"]
+            ),
         }
     return {
         "train": dict(steps=3, rounds=5, threads=threads),
@@ -73,6 +76,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             errors=100, samples=10_000, naive_errors=2, naive_samples=500, rounds=3, ray_cpus=2
         ),
         "eval": dict(models=5, problems=20, rounds=3, cpus=threads),
+        "examples": dict(batches=10, steps=3, rounds=3, threads=1),
     }
 
 
@@ -89,6 +93,8 @@ def _runner(name: str) -> Callable[..., dict[str, Any]]:
         from benchmarks.bench_coverage import run
     elif name == "eval":
         from benchmarks.bench_eval import run
+    elif name == "examples":
+        from benchmarks.bench_examples import run
     else:
         from benchmarks.pipeline_times import run
     return run
@@ -382,6 +388,45 @@ def md_eval(r: dict[str, Any]) -> list[str]:
     return lines + ["", f"Per-round ratios: {per}."]
 
 
+def md_examples(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "`benchmarks/bench_examples.py`: the batch a training step builds before its forward "
+        "pass (`ExampleStream.local_batch`: traces, injected errors, tokenisation, per-token "
+        f"loss weights) on `{r['config']}`, {r['threads']} thread(s). Token weights: "
+        "`token_weights` (vectorised) against `token_weights_reference` (the per-token rule) "
+        f"on the same encoded examples, {r['rounds']} alternating rounds. Share: seconds to "
+        f"build one batch over the median `run_training` step ({r['steps']} steps after a "
+        "warm-up; a step includes its build).",
+        "",
+    ]
+    rows = [
+        [
+            x["task"],
+            x["method"],
+            _n(x["weights_examples_per_s"]["reference"]),
+            _n(x["weights_examples_per_s"]["vectorised"]),
+            _x(x["weights_vectorised_over_reference"]),
+            _n(x["build_s"], 3),
+            _n(x["step_s"], 2),
+            f"{100 * x['build_share']:.1f}%",
+        ]
+        for x in r["rows"]
+    ]
+    return lines + _table(
+        [
+            "task",
+            "method",
+            "reference examples/s",
+            "vectorised examples/s",
+            "vectorised / reference",
+            "build s per batch",
+            "step s",
+            "build share of a step",
+        ],
+        rows,
+    )
+
+
 def md_pipeline(r: dict[str, Any]) -> list[str]:
     if not r.get("found"):
         where = " (no manifest.json in the `--tiny-run` directory)" if r.get("run_dir") else ""
@@ -465,6 +510,7 @@ def md_compile(r: dict[str, Any]) -> list[str]:
 RENDER = {
     "train": ("Supervised training (EIFT, masked loss)", md_train),
     "compile": ("Compiled training (`train.compile`)", md_compile),
+    "examples": ("Building training batches", md_examples),
     "generation": ("Generation (harvest / eval)", md_generation),
     "eval": ("Eval stage: one Ray Data pass for every model of a task", md_eval),
     "grpo": ("GRPO step", md_grpo),
@@ -500,6 +546,12 @@ def headline(results: dict[str, Any]) -> list[str]:
         )
         add(
             "training steps/s, compiled end to end", "eager", c["end_to_end"]["compiled_over_eager"]
+        )
+    for row in results.get("examples", {}).get("rows", []):
+        add(
+            f"token loss weights/s, {row['task']} {row['method']}",
+            "per-token reference",
+            row["weights_vectorised_over_reference"],
         )
     g = results.get("generation", {})
     if "ours_over_single" in g:

@@ -59,7 +59,7 @@ from selfcorrect.loss import (
     weighted_lm_loss,
 )
 from selfcorrect.models import resolve_bf16
-from selfcorrect.traces import Span, build_example
+from selfcorrect.traces import Example, Span, build_example
 
 STATE_FILE = "trainer_state.json"
 TORCH_STATE = "torch_state.pt"  # zero_stage 0: model + optimizer + scheduler
@@ -135,10 +135,11 @@ class ExampleStream:
             p = self.problems[i] = self.task.parse_prompt(self.prompts[i])
         return p
 
-    def example(self, step: int, j: int, problem_index: int) -> dict[str, np.ndarray]:
+    def trace(self, step: int, j: int, problem_index: int) -> Example:
+        """Example ``j`` of global step ``step``: a function of (seed, task, method, step, j)."""
         t = self.cfg.train
         rng = stream_rng(self.cfg.seed, self.task_name, self.method, "example", step, j)
-        ex = build_example(
+        return build_example(
             self.method,
             self.task,
             self.problem(problem_index),
@@ -152,6 +153,9 @@ class ExampleStream:
             error_placement=t.error_placement,
             last_step_rate=t.last_step_rate,
         )
+
+    def example(self, step: int, j: int, problem_index: int) -> dict[str, np.ndarray]:
+        ex = self.trace(step, j, problem_index)
         return encode_example(self.tok, ex, self.weights, self.cfg.model.max_length)
 
     def local_batch(self, step: int, rank: int, world: int) -> list[dict[str, np.ndarray]]:

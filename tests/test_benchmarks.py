@@ -22,10 +22,13 @@ def _quick_run(tmp_path: Path, only: str, timeout: int, *extra: str) -> str:
 
 
 def test_runner_writes_machine_line_and_ratio_table(tmp_path: Path) -> None:
-    text = _quick_run(tmp_path, "coverage,pipeline", 120, "--tiny-run", str(tmp_path / "no-run"))
+    text = _quick_run(
+        tmp_path, "coverage,examples,pipeline", 180, "--tiny-run", str(tmp_path / "no-run")
+    )
     assert "**Machine:**" in text and "torch" in text and "load average" in text
     assert "| task | reference samples/s | vectorised samples/s | vectorised / reference" in text
     assert "| multiplication |" in text and "| sudoku |" in text
+    assert "| multiplication | eift |" in text and "| token loss weights/s, sudoku eift |" in text
     assert "Not measured in this run" in text  # no tiny run manifest given
     assert "## Notes" in text  # hand-written notes appended
 

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from selfcorrect.loss import LossWeights, collate, encode_example, token_weights, weighted_lm_loss
+from selfcorrect.loss import (
+    LossWeights,
+    collate,
+    encode_example,
+    token_weights,
+    token_weights_reference,
+    weighted_lm_loss,
+)
 from selfcorrect.tasks import (
     INSEC_CLOSE,
     RECOGNITION_LINE,
@@ -340,22 +347,6 @@ def test_wrong_step_tokens_give_exactly_zero_gradient():
     assert torch.count_nonzero(g) == 0
 
 
-def _reference_token_weights(offsets, labels, w: LossWeights):
-    """The per-token rule, one token at a time (what the vectorised ``token_weights`` does)."""
-    n = len(offsets)
-    tw, ul, kind = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.int8)
-    for i, (s, e) in enumerate(offsets):
-        if e <= s:
-            continue
-        kinds = labels[s:e]
-        kind[i] = kinds[0]
-        tw[i] = min(w.of(int(k)) for k in kinds)
-        wrong_only = all(int(k) in (Span.MISTAKE, Span.WRONG) for k in kinds)
-        if w.mistake_loss == "unlikelihood" and wrong_only and Span.MISTAKE in kinds:
-            ul[i] = w.w_unlikelihood
-    return tw, ul, kind
-
-
 @pytest.mark.parametrize("mistake_loss", ["mask", "unlikelihood"])
 def test_token_weights_match_the_per_token_rule(mistake_loss, bpe_tokenizer):
     w = LossWeights(w_recognition=0.5, w_correction=2.0, w_decision=3.0, mistake_loss=mistake_loss)
@@ -367,7 +358,7 @@ def test_token_weights_match_the_per_token_rule(mistake_loss, bpe_tokenizer):
                 # a special token with no characters in front, as a chat template adds
                 offsets = [(0, 0), *enc["offset_mapping"]]
                 got = token_weights(offsets, labels, w)
-                want = _reference_token_weights(offsets, labels, w)
+                want = token_weights_reference(offsets, labels, w)
                 for g, x in zip(got, want, strict=True):
                     np.testing.assert_array_equal(g, x)
     # hand-built: the last token ends at the text's end; a token straddling WRONG/MISTAKE
