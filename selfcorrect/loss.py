@@ -77,8 +77,8 @@ def token_weights(
     if live.size == 0:
         return w, ul, kind
     s, e = se[live, 0], se[live, 1]
-    if np.any(s[1:] < e[:-1]):
-        raise ValueError("token offsets overlap: expected a tokenizer's offset_mapping")
+    if np.any(s[1:] < e[:-1]):  # tokens sharing characters (byte pieces of one character)
+        return token_weights_reference(offsets, char_labels, weights)
     # One reduction per token over its characters [s, e): reduceat over the interleaved
     # bounds [s0, e0, s1, e1, ...] reduces [s_i, e_i) at even positions (odd ones are gaps).
     bounds = np.stack([s, e], axis=1).ravel()  # [2 * n_live]
