@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -33,15 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_train import bench_config, bench_prompts  # noqa: E402
+from benchmarks.bench_train import bench_config, bench_prompts, step_reports  # noqa: E402
 from benchmarks.common import alternate, load_avg, median_ratio  # noqa: E402
 from selfcorrect.loss import frame_example, token_weights, token_weights_reference  # noqa: E402
 from selfcorrect.models import build_model  # noqa: E402
-from selfcorrect.training import ExampleStream, LocalSession, run_training  # noqa: E402
+from selfcorrect.training import ExampleStream  # noqa: E402
 
 
 def _encoded(stream: ExampleStream, batches: int) -> list[tuple[Any, Any]]:
-    """(offsets, char labels) of every example of ``batches`` steps, as the loop encodes them."""
+    """(offsets, char labels) of ``batches`` steps' examples (problems 0..batch_size-1), framed
+    and tokenised as ``encode_example`` does before it calls ``token_weights``."""
     out = []
     for step in range(batches):
         for j in range(stream.cfg.train.batch_size):
@@ -53,14 +53,7 @@ def _encoded(stream: ExampleStream, batches: int) -> list[tuple[Any, Any]]:
 
 def step_seconds(cfg: Any, task: str, method: str, prompts: list[str], steps: int) -> float:
     """Median seconds of a ``run_training`` step (first step = warm-up, not counted)."""
-    session = LocalSession()
-    config = {"cfg": cfg.to_dict(), "task": task, "method": method, "prompts": prompts}
-    config["max_steps"] = steps + 1
-    try:
-        run_training(config, session)
-    finally:
-        shutil.rmtree(session.root, ignore_errors=True)
-    times = sorted(r["step_s"] for r in session.reports[1:])
+    times = sorted(r["step_s"] for r in step_reports(cfg, task, method, prompts, steps))
     return times[len(times) // 2]
 
 

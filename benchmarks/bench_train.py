@@ -74,8 +74,8 @@ def minimal_loop(cfg: Any, batches: list[list[dict[str, Any]]], bf16: bool) -> f
     return sum(_tokens(b) for b in batches[1:]) / (time.perf_counter() - t)
 
 
-def ours_loop(cfg: Any, task: str, method: str, prompts: list[str], steps: int) -> float:
-    """Tokens/s of ``run_training`` as the loop measures each step (first step = warm-up)."""
+def step_reports(cfg: Any, task: str, method: str, prompts: list[str], steps: int) -> list[dict]:
+    """The metric line of each ``run_training`` step after the first (the warm-up)."""
     session = LocalSession()
     config = {
         "cfg": cfg.to_dict(),
@@ -88,7 +88,12 @@ def ours_loop(cfg: Any, task: str, method: str, prompts: list[str], steps: int) 
         run_training(config, session)
     finally:
         shutil.rmtree(session.root, ignore_errors=True)
-    reps = session.reports[1:]
+    return session.reports[1:]
+
+
+def ours_loop(cfg: Any, task: str, method: str, prompts: list[str], steps: int) -> float:
+    """Tokens/s of ``run_training`` as the loop measures each step (first step = warm-up)."""
+    reps = step_reports(cfg, task, method, prompts, steps)
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in reps)
     return tokens / sum(r["step_s"] for r in reps)
 
