@@ -89,9 +89,10 @@ STEPS = (
 )
 STEP_NAMES = [s.name for s in STEPS]
 # Steps in which one task's stages never read another task's outputs: with
-# ``ray.parallel_tasks`` each task runs them in its own driver thread. Tune (whose
-# concurrent trials already fill the cluster) and report (every task) come after.
-PER_TASK_STEPS = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval")
+# ``ray.parallel_tasks`` each task runs them in its own driver thread, so a task whose chain
+# ends first sweeps its injection rates on the cores the other task's chain leaves free
+# (sweeps still run one at a time: rayjobs.tune). Report (every task) comes after.
+PER_TASK_STEPS = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
 
 
 def _names(arg: str | None, flag: str) -> list[str] | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from typing import Any
 
@@ -73,6 +74,9 @@ from selfcorrect.tune import (
 )
 
 RESULT_FILE = "result.json"
+# One sweep at a time in a driver: each sizes its concurrent trials for the whole cluster
+# (``max_concurrent``), so the pipeline's task threads queue their sweeps here.
+_SWEEP_LOCK = threading.Lock()
 
 
 def tune_dir(output_dir: str, task: str) -> str:
@@ -337,9 +341,10 @@ def sweep(cfg: Config, task: str, output_dir: str) -> pd.DataFrame:
         raise FileNotFoundError(
             f"tune needs {test}; run the data stage first (python -m rayjobs.data)"
         )
-    tuner = make_tuner(cfg, task, output_dir, ray.cluster_resources())
     console.add_total(_trial_count(cfg))  # the stage's progress bar counts finished trials
-    grid = tuner.fit()
+    with _SWEEP_LOCK:
+        tuner = make_tuner(cfg, task, output_dir, ray.cluster_resources())
+        grid = tuner.fit()
     records = []
     for result in grid:
         records.append(

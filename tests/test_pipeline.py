@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -145,6 +146,34 @@ def test_changed_experiment_needs_overwrite(tmp_path):
             JobContext(load_config(SMOKE, ["data.n_train=20", "data.n_test=5", "seed=1"]), out),
             steps,
         )
+
+
+def test_a_task_sweeps_while_the_other_task_still_evaluates(tmp_path, monkeypatch):
+    """With parallel tasks, tune is a step of each task's chain: the task that is done first
+    sweeps on the cores the other task still leaves free, instead of waiting for every
+    task's eval. Here sudoku's eval can only end once multiplication's sweep has run."""
+    swept = threading.Event()
+    ran: list[tuple[str, str]] = []
+
+    def stage(name: str) -> object:
+        def run(ctx: JobContext) -> None:
+            task = ctx.cfg.tasks[0]
+            ran.append((name, task))
+            if (name, task) == ("eval", "sudoku"):
+                assert swept.wait(timeout=30), "sudoku's eval waited for multiplication's sweep"
+            if (name, task) == ("tune", "multiplication"):
+                swept.set()
+
+        return type("M", (), {"run": staticmethod(run)})
+
+    monkeypatch.setattr(pipeline, "load_stage", lambda step: stage(step.name))
+    monkeypatch.setattr(pipeline, "init_ray", lambda cfg: None)
+    cfg = load_config(SMOKE, ["data.n_train=20", "data.n_test=5"])
+    timings = pipeline.run(JobContext(cfg, str(tmp_path / "run")), _steps("eval", "tune"))
+    assert set(timings) == {"eval", "tune"}
+    assert sorted(ran) == sorted((s, t) for s in ("eval", "tune") for t in cfg.tasks)
+    for task in cfg.tasks:  # within a task the chain keeps its order
+        assert ran.index(("eval", task)) < ran.index(("tune", task))
 
 
 def test_parallel_tasks_match_sequential_and_surface_failures(tmp_path):
