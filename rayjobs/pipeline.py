@@ -5,9 +5,13 @@ ray job submit --working-dir . -- python -m rayjobs.pipeline --config configs/ti
 
 Order: data -> ft -> harvest (FT model on train and test) -> coverage ->
 eift, hybrid, insec (hybrid uses the harvested train errors) -> grpo (from FT) ->
-eval (every model) -> tune -> report. Each stage records itself in manifest.json
-(status, config hash, artifacts, seconds): a rerun skips stages that are done with
-the same config, redoes those whose config changed, and resumes an interrupted run.
+eval (every model) -> tune -> report. With ``ray.parallel_tasks`` the per-task steps
+form a graph instead (``NEEDS``): a step starts once the steps of its own task that it
+reads are done, on as many driver threads as there are tasks, so a core that one task
+leaves free takes the next ready step of any task. Each stage records itself in
+manifest.json (status, config hash, artifacts, seconds): a rerun skips stages that are
+done with the same config, redoes those whose config changed, and resumes an
+interrupted run.
 
 Extra flags: --stages a,b (run only these pipeline steps) and --skip a,b; steps are
 data, ft, harvest, coverage, methods, grpo, eval, tune, report.
@@ -88,11 +92,27 @@ STEPS = (
     Step("report", "report", lambda c: c, needs_ray=False),
 )
 STEP_NAMES = [s.name for s in STEPS]
-# Steps in which one task's stages never read another task's outputs: with
-# ``ray.parallel_tasks`` each task runs them in its own driver thread, so a task whose chain
-# ends first sweeps its injection rates on the cores the other task's chain leaves free
-# (sweeps still run one at a time: rayjobs.tune). Report (every task) comes after.
+# Steps in which one task's stages never read another task's outputs. Report (every task)
+# comes after them.
 PER_TASK_STEPS = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
+# What each per-task step reads from its own task's earlier steps: with ``ray.parallel_tasks``
+# it starts once those are done (or are not part of this run). ft trains the clean base and
+# FT; hybrid (methods) trains on the harvested FT errors; GRPO and the sweep's trials
+# (tune.init=ft) start from FT; eval scores every model and the harvested FT errors. So
+# GRPO and tune no longer wait for the methods, and eval for nothing but its inputs.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "ft": ("data",),
+    "harvest": ("ft",),
+    "coverage": ("harvest",),
+    "methods": ("harvest",),
+    "grpo": ("ft",),
+    "eval": ("harvest", "methods", "grpo"),
+    "tune": ("ft",),
+}
+# Steps that run one task at a time: a sweep sizes its concurrent trials for the whole
+# cluster (rayjobs.tune), so a second one would only queue its trials behind the first.
+ONE_AT_A_TIME = ("tune",)
 
 
 def _names(arg: str | None, flag: str) -> list[str] | None:
@@ -133,8 +153,8 @@ def load_stage(step: Step) -> object:
 def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
     """Run the steps in order; returns step -> wall seconds (0 for steps with nothing to do).
 
-    With ``ray.parallel_tasks`` and several tasks, the per-task steps run as one chain per
-    task, the chains concurrently; a step's seconds are then its longest task's.
+    With ``ray.parallel_tasks`` and several tasks, the per-task steps of every task run as a
+    graph (``_run_graph``); a step's seconds are then its longest task's.
     """
     steps = list(STEPS if steps is None else steps)
     modules = {s.name: load_stage(s) for s in steps}  # fail before any work on a missing module
@@ -149,13 +169,8 @@ def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
     rest = [s for s in steps if s.name not in PER_TASK_STEPS]
     tasks = ctx.cfg.tasks
     if ctx.cfg.ray.parallel_tasks and len(tasks) > 1 and chained:
-        per_task = _in_threads(
-            [
-                lambda t=t: _run_steps(ctx, _only_task(ctx.cfg, t), chained, modules, t_start, t)
-                for t in tasks
-            ]
-        )
-        timings = {s.name: max(pt[s.name] for pt in per_task) for s in chained}
+        per_task = _run_graph(ctx, chained, modules, t_start)
+        timings = {s.name: max(pt.get(s.name, 0.0) for pt in per_task.values()) for s in chained}
     else:
         timings = _run_steps(ctx, ctx.cfg, chained, modules, t_start)
     timings.update(_run_steps(ctx, ctx.cfg, rest, modules, t_start))
@@ -170,10 +185,10 @@ def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
     return timings
 
 
-def _in_threads(jobs: list[Callable[[], dict[str, float]]]) -> list[dict[str, float]]:
+def _in_threads(jobs: list[Callable[[], object]]) -> list[object]:
     """Run the jobs in daemon threads (Ctrl-C in the driver stops the job, not waits for it);
     re-raises the first failure once every job has ended."""
-    results: list[dict[str, float] | None] = [None] * len(jobs)
+    results: list[object] = [None] * len(jobs)
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
@@ -194,6 +209,71 @@ def _in_threads(jobs: list[Callable[[], dict[str, float]]]) -> list[dict[str, fl
     if errors:
         raise errors[0]
     return [r for r in results if r is not None]
+
+
+def _run_graph(
+    ctx: JobContext, steps: list[Step], modules: dict[str, object], t_start: float
+) -> dict[str, dict[str, float]]:
+    """Every task's per-task ``steps`` on one driver thread per task (the concurrency the
+    tasks' chains had): a free thread takes the first ready (step, task) in step order, then
+    task order. A task whose step fails runs nothing that reads it; the other tasks go on,
+    and the first failure is re-raised once all runnable work has ended.
+
+    Returns task -> step -> wall seconds.
+    """
+    tasks = list(ctx.cfg.tasks)
+    names = {s.name for s in steps}
+    jobs = [(s, t) for s in steps for t in tasks]  # priority order
+    state: dict[tuple[str, str], str] = {}  # running | done | failed | blocked
+    timings: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    errors: list[BaseException] = []
+    cond = threading.Condition()
+
+    def take() -> tuple[Step, str] | None:  # under cond
+        running = {name for (name, _), st in state.items() if st == "running"}
+        for step, task in jobs:
+            if (step.name, task) in state:
+                continue
+            needs = [state.get((n, task)) for n in NEEDS.get(step.name, ()) if n in names]
+            if any(st in ("failed", "blocked") for st in needs):
+                state[(step.name, task)] = "blocked"
+                _say(f"[pipeline] {step.name} ({task}): not run, a step it reads failed")
+            elif all(st == "done" for st in needs) and not (
+                step.name in ONE_AT_A_TIME and step.name in running
+            ):
+                return step, task
+        return None
+
+    def worker() -> None:
+        while True:
+            with cond:
+                while (job := take()) is None:
+                    if len(state) == len(jobs) and "running" not in state.values():
+                        cond.notify_all()
+                        return
+                    if "running" not in state.values():  # nothing can start: a bug in NEEDS
+                        raise RuntimeError(f"pipeline: no step can start ({state})")
+                    cond.wait(timeout=1.0)
+                step, task = job
+                state[(step.name, task)] = "running"
+            try:
+                cfg = _only_task(ctx.cfg, task)
+                timings[task].update(_run_steps(ctx, cfg, [step], modules, t_start, task))
+                outcome = "done"
+            except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread below
+                errors.append(e)
+                outcome = "failed"
+                # Say so now: the other tasks go on (their results are kept) and may take a while.
+                print(f"[pipeline] {step.name} ({task}) failed; the other tasks go on:", flush=True)
+                traceback.print_exc()
+            with cond:
+                state[(step.name, task)] = outcome
+                cond.notify_all()
+
+    _in_threads([worker] * len(tasks))
+    if errors:
+        raise errors[0]
+    return timings
 
 
 def _only_task(cfg: Config, task: str) -> Config:

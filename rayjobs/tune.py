@@ -75,7 +75,8 @@ from selfcorrect.tune import (
 
 RESULT_FILE = "result.json"
 # One sweep at a time in a driver: each sizes its concurrent trials for the whole cluster
-# (``max_concurrent``), so the pipeline's task threads queue their sweeps here.
+# (``max_concurrent``), so concurrent callers queue their sweeps here (the pipeline starts
+# one sweep at a time anyway: rayjobs.pipeline.ONE_AT_A_TIME).
 _SWEEP_LOCK = threading.Lock()
 
 

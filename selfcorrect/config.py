@@ -455,8 +455,9 @@ class RayConfig:
     num_cpus: int | None = _f(None, "CPUs for the embedded local instance (None = all)")
     parallel_tasks: bool = _f(
         True,
-        "pipeline: run each task's stages (data to tune) in its own driver thread, so tasks "
-        "share the cluster's CPUs/GPUs instead of waiting for each other (the report "
+        "pipeline: run every task's stages (data to tune) as one graph on a driver thread "
+        "per task, each stage once the stages of its own task that it reads are done, so "
+        "tasks share the cluster's CPUs/GPUs instead of waiting for each other (the report "
         "follows, once every task is done)",
     )
 

@@ -148,32 +148,82 @@ def test_changed_experiment_needs_overwrite(tmp_path):
         )
 
 
-def test_a_task_sweeps_while_the_other_task_still_evaluates(tmp_path, monkeypatch):
-    """With parallel tasks, tune is a step of each task's chain: the task that is done first
-    sweeps on the cores the other task still leaves free, instead of waiting for every
-    task's eval. Here sudoku's eval can only end once multiplication's sweep has run."""
-    swept = threading.Event()
-    ran: list[tuple[str, str]] = []
+def _fake_stages(monkeypatch, behave) -> list[tuple[str, str, str]]:
+    """Replace every stage module by ``behave(name, task)`` and record start / end events."""
+    events: list[tuple[str, str, str]] = []
+    lock = threading.Lock()
 
     def stage(name: str) -> object:
         def run(ctx: JobContext) -> None:
             task = ctx.cfg.tasks[0]
-            ran.append((name, task))
-            if (name, task) == ("eval", "sudoku"):
-                assert swept.wait(timeout=30), "sudoku's eval waited for multiplication's sweep"
-            if (name, task) == ("tune", "multiplication"):
-                swept.set()
+            with lock:
+                events.append(("start", name, task))
+            behave(name, task)
+            with lock:
+                events.append(("end", name, task))
 
         return type("M", (), {"run": staticmethod(run)})
 
     monkeypatch.setattr(pipeline, "load_stage", lambda step: stage(step.name))
     monkeypatch.setattr(pipeline, "init_ray", lambda cfg: None)
+    return events
+
+
+PER_TASK = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
+
+
+def test_a_free_core_takes_the_next_ready_step_of_any_task(tmp_path, monkeypatch):
+    """With parallel tasks the per-task steps form a graph: sudoku's GRPO and sweep need only
+    its FT, so they run on the thread multiplication leaves free while sudoku's methods still
+    train (as chains, sudoku's methods would wait here for ever: the 30 s assertion), and no
+    step ever starts before a step of its own task that it reads has ended."""
+    grpo_and_tune = {"grpo": threading.Event(), "tune": threading.Event()}
+    tunes_running = []
+
+    def behave(name: str, task: str) -> None:
+        if task == "sudoku" and name in grpo_and_tune:
+            grpo_and_tune[name].set()
+        if (name, task) == ("methods", "sudoku"):
+            for ev in grpo_and_tune.values():
+                assert ev.wait(timeout=30), "sudoku's methods waited for its own grpo / tune"
+        if name == "tune":
+            tunes_running.append(1)
+            assert len(tunes_running) == 1, "two sweeps ran at once"
+            threading.Event().wait(0.05)
+            tunes_running.pop()
+
+    events = _fake_stages(monkeypatch, behave)
     cfg = load_config(SMOKE, ["data.n_train=20", "data.n_test=5"])
-    timings = pipeline.run(JobContext(cfg, str(tmp_path / "run")), _steps("eval", "tune"))
-    assert set(timings) == {"eval", "tune"}
-    assert sorted(ran) == sorted((s, t) for s in ("eval", "tune") for t in cfg.tasks)
-    for task in cfg.tasks:  # within a task the chain keeps its order
-        assert ran.index(("eval", task)) < ran.index(("tune", task))
+    timings = pipeline.run(JobContext(cfg, str(tmp_path / "run")), _steps(*PER_TASK))
+    assert set(timings) == set(PER_TASK)
+    for task in cfg.tasks:
+        for name in PER_TASK:
+            start = events.index(("start", name, task))
+            for need in pipeline.NEEDS[name]:
+                assert events.index(("end", need, task)) < start, (name, need, task)
+    # sudoku's GRPO and sweep started while its methods ran
+    for name in ("grpo", "tune"):
+        assert events.index(("start", name, "sudoku")) < events.index(("end", "methods", "sudoku"))
+
+
+def test_a_failed_step_stops_only_what_reads_it(tmp_path, monkeypatch, capsys):
+    """sudoku's methods fail: its eval (which reads them) never starts, its GRPO and sweep
+    (which do not) still run, multiplication finishes, and the run fails with the error."""
+
+    def behave(name: str, task: str) -> None:
+        if (name, task) == ("methods", "sudoku"):
+            raise RuntimeError("sudoku methods broke")
+
+    events = _fake_stages(monkeypatch, behave)
+    cfg = load_config(SMOKE, ["data.n_train=20", "data.n_test=5"])
+    with pytest.raises(RuntimeError, match="sudoku methods broke"):
+        pipeline.run(JobContext(cfg, str(tmp_path / "run")), _steps(*PER_TASK, "report"))
+    ended = {(name, task) for kind, name, task in events if kind == "end"}
+    assert {(n, "multiplication") for n in PER_TASK} <= ended
+    assert {("grpo", "sudoku"), ("tune", "sudoku")} <= ended
+    assert ("start", "eval", "sudoku") not in events
+    assert ("start", "report", "sudoku") not in events and ("end", "report", "") not in events
+    assert "eval (sudoku): not run, a step it reads failed" in capsys.readouterr().out
 
 
 def test_parallel_tasks_match_sequential_and_surface_failures(tmp_path):
