@@ -511,6 +511,35 @@ def md_compile(r: dict[str, Any]) -> list[str]:
         f"{_x(e2e['compiled_over_eager'])} the steps/s of eager. This is why `train.compile` is "
         "off by default on CPU: a run must amortise one compile per padded shape per process.",
     ]
+    pl = r.get("pipeline_layout")
+    if pl:
+        t, first = pl["tokens_per_s"], pl["first_pass_s"]
+        lines += [
+            "",
+            f"Pipeline layout (`--pipeline-layout`): one thread and micro-batches of "
+            f"{pl['micro_batch_size']} cut from the length-sorted batch, as each task trains "
+            f"inside `tiny` ({pl['micro_batches']} micro-batches; eager unpadded, compiled "
+            f"padded: {pl['static_shapes']} static shapes). Tokens/s counts real tokens.",
+            "",
+        ]
+        lines += _table(
+            ["side", "first pass s (compiles)", "tokens/s", "/ eager"],
+            [
+                ["eager", f"{first['eager']:.0f}", _n(t["eager"]), ""],
+                [
+                    "`torch.compile`, static shapes",
+                    f"{first['static']:.0f}",
+                    _n(t["static"]),
+                    _x(pl["static_over_eager"]),
+                ],
+                [
+                    "`torch.compile(dynamic=True)`",
+                    f"{first['dynamic']:.0f}",
+                    _n(t["dynamic"]),
+                    _x(pl["dynamic_over_eager"]),
+                ],
+            ],
+        )
     return lines
 
 

@@ -13,7 +13,13 @@ Three measurements, each a ratio taken in this one run:
   process with an empty Inductor cache, and in a second process that finds the first one's
   cache (what a later stage or Ray Train worker of the same run pays);
 * **end to end**: ``run_training`` with ``train.compile`` on and off at the preset's own
-  micro-batch size, the same ``steps`` from a fresh model, compilation included.
+  micro-batch size, the same ``steps`` from a fresh model, compilation included;
+* **pipeline layout** (``--pipeline-layout``): the steady state as a ``tiny`` task trains
+  inside the pipeline, one thread and micro-batches of ``train.micro_batch_size`` cut from
+  the length-sorted batch: eager on unpadded micro-batches (what ``train.compile=false``
+  trains on) against compiled with static shapes (padded to ``compile_pad_to``) and with
+  dynamic shapes; tokens/s counts real tokens, so the padding is charged to the compiled
+  sides, and the seconds of the first (compiling) pass are reported per side.
 """
 
 from __future__ import annotations
@@ -64,16 +70,23 @@ def steady_loop(
     bf16: bool,
     compiled: bool,
     mode: str | None = None,
+    dynamic: bool = False,
+    warmup_s: dict[str, float] | None = None,
 ):
     """Returns a side: tokens/s (non-padding) of one pass over ``batches`` after a warm-up
-    pass (which compiles every shape when ``compiled``). Runs where ``batches`` live."""
+    pass (which compiles every shape when ``compiled``; its seconds go to
+    ``warmup_s["s"]``). Runs where ``batches`` live."""
     device = batches[0]["input_ids"].device
     model, _ = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
     model.to(device).train()
-    fwd = torch.compile(model, dynamic=False, mode=mode) if compiled else model
+    fwd = torch.compile(model, dynamic=dynamic, mode=mode) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    t0 = time.perf_counter()
     for b in batches:  # warm-up: every shape seen (and compiled) once
         _step(fwd, opt, b, bf16)
+    _sync(device)
+    if warmup_s is not None:
+        warmup_s["s"] = time.perf_counter() - t0
     tokens = sum(float(b["attention_mask"].sum()) for b in batches)
 
     def side() -> float:
@@ -139,6 +152,47 @@ def compile_cost(
     return out
 
 
+def pipeline_layout(
+    base: Any, stream: Any, tok: Any, bf16: bool, steps: int, rounds: int
+) -> dict[str, Any]:
+    """Eager vs static vs dynamic compile on the micro-batches a ``tiny`` task trains on
+    (one thread; the caller sets it). Each side compiles in its own process-wide Inductor
+    cache state: the static side first, so the dynamic side may reuse nothing of it."""
+    from selfcorrect.training import length_grouped
+
+    mbs = base.train.micro_batch_size
+    pad = base.train.compile_pad_to
+    examples = [stream.local_batch(s, 0, 1) for s in range(steps)]
+
+    def micro(pad_to: int) -> list[dict[str, torch.Tensor]]:
+        return [
+            collate(mb, tok.pad_token_id, pad_to)
+            for ex in examples
+            for mb in length_grouped(ex, mbs)
+        ]
+
+    eager_b, padded_b = micro(1), micro(pad)
+    warm: dict[str, dict[str, float]] = {k: {} for k in ("eager", "static", "dynamic")}
+    sides = {
+        "eager": steady_loop(base, eager_b, bf16, compiled=False, warmup_s=warm["eager"]),
+        "static": steady_loop(base, padded_b, bf16, compiled=True, warmup_s=warm["static"]),
+        "dynamic": steady_loop(
+            base, padded_b, bf16, compiled=True, dynamic=True, warmup_s=warm["dynamic"]
+        ),
+    }
+    med, rates = alternate(sides, rounds)
+    return {
+        "micro_batch_size": mbs,
+        "micro_batches": len(eager_b),
+        "static_shapes": len({tuple(b["input_ids"].shape) for b in padded_b}),
+        "tokens_per_s": med,
+        "rates": rates,
+        "first_pass_s": {k: round(v["s"], 1) for k, v in warm.items()},
+        "static_over_eager": median_ratio(rates, "static", "eager"),
+        "dynamic_over_eager": median_ratio(rates, "dynamic", "eager"),
+    }
+
+
 def run(
     config: str = "configs/tiny.yaml",
     task: str = "multiplication",
@@ -148,6 +202,7 @@ def run(
     rounds: int = 3,
     overrides: Sequence[str] = (),
     device: str = "cpu",
+    layout: bool = False,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     res: dict[str, Any] = {"config": config, "task": task, "method": method, "steps": steps}
@@ -203,6 +258,10 @@ def run(
         "steps_per_s": e2e_med,
         "compiled_over_eager": median_ratio(e2e_rates, "compiled", "eager"),
     }
+    if layout and device == "cpu":
+        torch.set_num_threads(1)  # one core per task, as ray.parallel_tasks trains tiny
+        res["pipeline_layout"] = pipeline_layout(base, stream, tok, bf16, steps, rounds)
+        torch.set_num_threads(threads)
     res["load_avg_end"] = load_avg()
     return res
 
@@ -215,6 +274,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--pipeline-layout",
+        action="store_true",
+        help="also: one thread, the preset's micro-batches; eager vs static vs dynamic compile",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     res = run(
@@ -226,6 +290,7 @@ def main() -> None:
         args.rounds,
         args.overrides,
         args.device,
+        args.pipeline_layout,
     )
     print(json.dumps(res))
 

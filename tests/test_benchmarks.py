@@ -210,3 +210,48 @@ def test_error_probe_runs_end_to_end(tmp_path: Path) -> None:
         assert r["n_pairs"] >= 10
         assert 0 <= r["surprise_auc"] <= 1 and 0 <= r["surprise_recall_at_5pct"] <= 1
         assert all(0 <= a <= 1 for a in r["line_end_accuracy_by_layer"])
+
+
+def test_compile_pipeline_layout_renders_its_three_sides() -> None:
+    """``--pipeline-layout`` results become a table: eager, static and dynamic compile, each
+    with its compiling first pass and its ratio to eager."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.__main__ import md_compile
+
+    side = {"eager": 3672.0, "static": 4321.0, "dynamic": 3464.0}
+    r = {
+        "config": "configs/tiny.yaml",
+        "task": "sudoku",
+        "method": "eift",
+        "threads": 2,
+        "steps": 20,
+        "rounds": 2,
+        "steady": {
+            "bf16": True,
+            "pad_to": 32,
+            "shapes": [[32, 256]],
+            "tokens_per_s": {"eager": 1.0, "compiled": 1.35},
+            "rates": {"eager": [1.0], "compiled": [1.35]},
+            "compiled_over_eager": 1.35,
+        },
+        "compile_cost": {
+            "fresh_process_s": 60.0,
+            "warm_cache_process_s": 5.0,
+            "eager_process_s": 3.0,
+        },
+        "end_to_end": {"micro_batch_size": 8, "steps_per_s": {}, "compiled_over_eager": 0.09},
+        "pipeline_layout": {
+            "micro_batch_size": 8,
+            "micro_batches": 80,
+            "static_shapes": 6,
+            "tokens_per_s": side,
+            "rates": {k: [v] for k, v in side.items()},
+            "first_pass_s": {"eager": 25.3, "static": 172.4, "dynamic": 83.7},
+            "static_over_eager": 4321 / 3672,
+            "dynamic_over_eager": 3464 / 3672,
+        },
+    }
+    text = "\n".join(md_compile(r))
+    assert "Pipeline layout (`--pipeline-layout`)" in text and "6 static shapes" in text
+    assert "| `torch.compile`, static shapes | 172 | 4,321 | **1.18x** |" in text
+    assert "| `torch.compile(dynamic=True)` | 84 | 3,464 | **0.94x** |" in text
