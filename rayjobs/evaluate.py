@@ -185,23 +185,39 @@ def generate_completions(
     return [c for c in out if c is not None]
 
 
-def add_step_surprise(cfg: Config, model_path: str, rows: list[dict[str, Any]]) -> None:
-    """Set ``wrong_step_surprise`` on every error row: how surprising its wrong step was to
-    this model after its prefix (``generation.step_surprise``). Each distinct (prefix, step)
-    is scored once, on the same kind of actor pool as generation."""
+def add_step_surprise(
+    cfg: Config, models: dict[str, str], rows: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Set ``wrong_step_surprise`` on every error row of every model (name -> saved model dir;
+    name -> its scored rows): how surprising its wrong step was to that model after its
+    prefix (``generation.step_surprise``). Each distinct (model, prefix, step) is scored once,
+    all models in one pass on one actor pool (as their generations are)."""
     import ray
 
     from selfcorrect.generation import map_step_surprise
 
-    keys = sorted({(r["prefix"], r["wrong_step"]) for r in rows if r.get("wrong_step")})
+    def local(path: str) -> str:  # actors may run in another cwd
+        return path if io.is_uri(path) else os.path.abspath(path)
+
+    keys = [
+        (name, p, w)
+        for name in models
+        for p, w in sorted(
+            {(r["prefix"], r["wrong_step"]) for r in rows[name] if r.get("wrong_step")}
+        )
+    ]
     if not keys:
         return
     ev = cfg.eval
-    feed = [{"key": i, "prefix": p, "step": w} for i, (p, w) in enumerate(keys)]
+    feed = [
+        {"key": i, "prefix": p, "step": w, "model_path": local(models[name])}
+        for i, (name, p, w) in enumerate(keys)
+    ]
     console.add_total(len(feed))
+    n_blocks = max(1, min(math.ceil(len(feed) / ev.batch_size), 4 * ev.num_actors))
     ds = map_step_surprise(
-        ray.data.from_items(feed, override_num_blocks=max(1, min(len(feed), 4 * ev.num_actors))),
-        os.path.abspath(model_path) if not io.is_uri(model_path) else model_path,
+        ray.data.from_items(feed, override_num_blocks=n_blocks),
+        None,
         batch_size=ev.batch_size,
         num_actors=ev.num_actors,
         use_gpu=ev.use_gpu,
@@ -211,9 +227,10 @@ def add_step_surprise(cfg: Config, model_path: str, rows: list[dict[str, Any]]) 
         keys[int(rec["key"])]: float(rec["surprise"])
         for rec in ds.select_columns(["key", "surprise"]).iter_rows()
     }
-    for r in rows:
-        if r.get("wrong_step"):
-            r["wrong_step_surprise"] = surprise[(r["prefix"], r["wrong_step"])]
+    for name in models:
+        for r in rows[name]:
+            if r.get("wrong_step"):
+                r["wrong_step_surprise"] = surprise[(name, r["prefix"], r["wrong_step"])]
 
 
 # ---------------------------------------------------------------------------
@@ -279,15 +296,17 @@ def evaluate_models(
     feed = [{**r, "model_path": models[name]} for name in models for r in rows[name]]
     completions = generate_completions(cfg, None, feed)
     keep = set(conditions) | ({"clean"} if "own_errors" in conditions else set())
-    out: dict[str, list[dict[str, Any]]] = {}
+    scored: dict[str, list[dict[str, Any]]] = {}
     start = 0
-    for name, model_path in models.items():
+    for name in models:
         done = completions[start : start + len(rows[name])]
         start += len(rows[name])
-        scored = [r for r in score_items(task, rows[name], done) if r["condition"] in keep]
-        if cfg.eval.surprise:
-            add_step_surprise(cfg, model_path, scored)
-        df = sort_rows(rows_frame(scored))
+        scored[name] = [r for r in score_items(task, rows[name], done) if r["condition"] in keep]
+    if cfg.eval.surprise:
+        add_step_surprise(cfg, models, scored)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in models:
+        df = sort_rows(rows_frame(scored[name]))
         path = eval_path(output_dir, task_name, name)
         io.write_parquet(path, df)
         summary = summarize(df, seed=cfg.seed)

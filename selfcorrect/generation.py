@@ -486,7 +486,7 @@ def map_generate(
 
 def map_step_surprise(
     ds: Any,
-    model_path: str,
+    model_path: str | None,
     *,
     batch_size: int,
     num_actors: int = 1,
@@ -494,7 +494,8 @@ def map_step_surprise(
     cpus_per_actor: float = 1.0,
 ) -> Any:
     """``ds`` (columns ``prefix``, ``step``) -> ``ds`` plus ``surprise`` (``step_surprise``),
-    on a pool of actors like ``map_generate``'s."""
+    on a pool of actors like ``map_generate``'s. ``model_path=None``: every row names its
+    model in a ``model_path`` column (several models, one pool; rows grouped by model)."""
     import ray
 
     if use_gpu is None:
@@ -603,22 +604,33 @@ class GenerationActor:
 
 class SurpriseActor(GenerationActor):
     """Ray Data callable class: the same model copy; adds ``surprise`` (``step_surprise``)
-    for columns ``prefix`` and ``step``. Other columns pass through."""
+    for columns ``prefix`` and ``step``. Other columns pass through; a ``model_path``
+    column names each row's model, as for ``GenerationActor``."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for col in ("prefix", "step"):
             if col not in batch:
                 raise KeyError(f"SurpriseActor needs a {col!r} column; got {sorted(batch)}")
-        out = dict(batch)
-        out["surprise"] = np.array(
-            step_surprise(
+        prefixes = [str(p) for p in batch["prefix"]]
+        steps = [str(x) for x in batch["step"]]
+        if "model_path" in batch:
+            paths = np.asarray([str(p) for p in batch["model_path"]], dtype=object)
+        elif self.loaded is None:
+            raise KeyError("SurpriseActor without a model_path needs a 'model_path' column")
+        else:
+            paths = np.full(len(prefixes), self.loaded, dtype=object)
+        surprise = np.empty(len(prefixes), dtype=np.float64)
+        for path in dict.fromkeys(paths):  # in order of first appearance
+            self._load(path)
+            idx = np.flatnonzero(paths == path)
+            surprise[idx] = step_surprise(
                 self.model,
                 self.tokenizer,
-                [str(p) for p in batch["prefix"]],
-                [str(x) for x in batch["step"]],
+                [prefixes[i] for i in idx],
+                [steps[i] for i in idx],
                 batch_size=self.batch_size,
-            ),
-            dtype=np.float64,
-        )
-        self.progress.add(len(out["surprise"]))
+            )
+        out = dict(batch)
+        out["surprise"] = surprise
+        self.progress.add(len(surprise))
         return out

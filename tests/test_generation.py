@@ -367,3 +367,30 @@ def test_surprise_actor_adds_its_column(trained, prefixes, tmp_path):
     assert list(out["key"]) == [0, 1, 2]
     want = step_surprise(model, tok, prefixes[:3], ["12*3=36", "1*1=1", "9"])
     assert np.allclose(out["surprise"], want, atol=1e-5)
+
+
+def test_surprise_actor_scores_each_row_under_the_model_it_names(trained, prefixes, tmp_path):
+    """The eval stage scores every model's wrong steps in one pass: rows name their model,
+    and each row gets exactly the surprise its own model gives (a second, untrained model
+    gives other numbers, so a mix-up fails)."""
+    from selfcorrect.generation import SurpriseActor, step_surprise
+    from selfcorrect.models import build_model
+
+    model, tok = trained
+    other, _ = build_model("nano", 128, seed=5)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    save_model(model, tok, a)
+    save_model(other, tok, b)
+    steps = ["12*3=36", "1*1=1", "9", "7*7=49"]
+    actor = SurpriseActor(None, max_new_tokens=1, batch_size=2, torch_threads=1)
+    out = actor(
+        {
+            "prefix": np.array(prefixes[:4], dtype=object),
+            "step": np.array(steps, dtype=object),
+            "model_path": np.array([a, a, b, b], dtype=object),
+        }
+    )
+    want_a = step_surprise(model, tok, prefixes[:2], steps[:2])
+    want_b = step_surprise(other.eval(), tok, prefixes[2:4], steps[2:])
+    assert np.allclose(out["surprise"], [*want_a, *want_b], atol=1e-4)
+    assert not np.allclose(want_b, step_surprise(model, tok, prefixes[2:4], steps[2:]), atol=1e-3)
