@@ -255,9 +255,12 @@ def _run_graph(
                         raise RuntimeError(f"pipeline: no step can start ({state})")
                     cond.wait(timeout=1.0)
                 step, task = job
+                busy = list(state.values()).count("running")
                 state[(step.name, task)] = "running"
             try:
                 cfg = _only_task(ctx.cfg, task)
+                if step.name == "tune" and busy:
+                    cfg = _sweep_share(cfg, busy, len(tasks), _cluster())
                 timings[task].update(_run_steps(ctx, cfg, [step], modules, t_start, task))
                 outcome = "done"
             except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread below
@@ -274,6 +277,26 @@ def _run_graph(
     if errors:
         raise errors[0]
     return timings
+
+
+def _cluster() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources()) if ray.is_initialized() else {}
+
+
+def _sweep_share(cfg: Config, busy: int, workers: int, cluster: dict[str, float]) -> Config:
+    """A sweep that starts beside ``busy`` other steps runs the free threads' share of its
+    concurrent trials (``tune.max_concurrent`` = 0 sizes them for the whole ``cluster``). A
+    trial queued for a core that another step holds would take that core from the step its
+    task's thread starts next (in `tiny` an eval waited ~170 s behind the sweep's second
+    trial); a sweep started alone keeps the whole cluster."""
+    if busy == 0 or cfg.tune.max_concurrent > 0 or not cluster:
+        return cfg
+    from selfcorrect.tune import max_concurrent
+
+    whole = max_concurrent(cfg, cluster)
+    return _with(cfg, "tune", max_concurrent=max(1, whole * (workers - busy) // workers))
 
 
 def _only_task(cfg: Config, task: str) -> Config:

@@ -265,3 +265,21 @@ def test_parallel_tasks_match_sequential_and_surface_failures(tmp_path):
             ]
         )
     assert os.path.exists(os.path.join(out, "multiplication", "data", "train.parquet"))
+
+
+def test_a_sweep_beside_other_steps_takes_the_free_share_of_its_trials():
+    """tiny on 2 cores: a sweep started while the other task trains runs one trial at a time
+    (a second would queue for the busy core and take it from that task's next step); alone it
+    runs two; a configured tune.max_concurrent is kept."""
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"))
+    two_cpus = {"CPU": 2.0, "memory": 8e9}
+    assert pipeline._sweep_share(cfg, 1, 2, two_cpus).tune.max_concurrent == 1
+    assert pipeline._sweep_share(cfg, 0, 2, two_cpus) is cfg
+    assert pipeline._sweep_share(cfg, 1, 2, {"CPU": 8.0}).tune.max_concurrent == 4
+    fixed = load_config(os.path.join(REPO, "configs", "tiny.yaml"), ["tune.max_concurrent=2"])
+    assert pipeline._sweep_share(fixed, 1, 2, two_cpus).tune.max_concurrent == 2
+    assert pipeline._sweep_share(cfg, 1, 2, {}) is cfg  # no Ray: nothing to size
+    from selfcorrect.tune import sweep_hash  # the share is resources only: same sweep
+
+    shared = pipeline._sweep_share(cfg, 1, 2, two_cpus)
+    assert sweep_hash(shared, "sudoku") == sweep_hash(cfg, "sudoku")
