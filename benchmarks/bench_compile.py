@@ -193,6 +193,22 @@ def pipeline_layout(
     }
 
 
+def layout_only(
+    config: str, task: str, steps: int, rounds: int, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``pipeline_layout`` alone, on ``task``'s EIFT batches (bf16 where the CPU has it)."""
+    torch.set_num_threads(1)
+    base = bench_config(config, overrides, steps, 1)
+    bf16 = resolve_bf16(base.train.bf16, torch.device("cpu"))
+    _, tok = build_model(base.model.preset, base.model.max_length)
+    stream = ExampleStream(base, task, "eift", bench_prompts(base, task), tok)
+    res: dict[str, Any] = {"config": config, "task": task, "steps": steps, "rounds": rounds}
+    res.update(bf16=bf16, load_avg_start=load_avg())
+    res["pipeline_layout"] = pipeline_layout(base, stream, tok, bf16, steps, rounds)
+    res["load_avg_end"] = load_avg()
+    return res
+
+
 def run(
     config: str = "configs/tiny.yaml",
     task: str = "multiplication",
@@ -279,8 +295,18 @@ def main() -> None:
         action="store_true",
         help="also: one thread, the preset's micro-batches; eager vs static vs dynamic compile",
     )
+    ap.add_argument(
+        "--layout-only",
+        action="store_true",
+        help="only the --pipeline-layout measurement (minutes instead of a quarter hour)",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.layout_only:
+        print(
+            json.dumps(layout_only(args.config, args.task, args.steps, args.rounds, args.overrides))
+        )
+        return
     res = run(
         args.config,
         args.task,
