@@ -325,7 +325,7 @@ class EvalConfig:
     surprise: bool = _f(
         True,
         "score each wrong step's surprise under the evaluated model (wrong_step_surprise; "
-        "a second actor pool per model and task); false leaves the column empty",
+        "a second actor pool per task, every model in one pass); false leaves the column empty",
     )
 
     def validate(self) -> None:

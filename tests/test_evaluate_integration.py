@@ -109,7 +109,7 @@ def trained_run(tmp_path_factory, smoke_cfg):
     """Smoke data for both tasks, FT and EIFT nano models, and an FT harvest, on disk."""
     torch.set_num_threads(1)
     out = str(tmp_path_factory.mktemp("eval-run"))
-    # The smoke preset leaves the surprise pass off (it costs an actor pool per model); here
+    # The smoke preset leaves the surprise pass off (it costs a second actor pool per task); here
     # it runs and its column is checked.
     cfg = dataclasses.replace(
         smoke_cfg,
