@@ -140,6 +140,16 @@ def expand_temperatures(
 # ---------------------------------------------------------------------------
 
 
+def _local(path: str) -> str:
+    """A model path the pool's actors can open (they may run in another cwd)."""
+    return path if io.is_uri(path) else os.path.abspath(path)
+
+
+def _n_blocks(n_rows: int, ev: Any) -> int:
+    """Blocks of the feed: whole generation batches, a few per actor."""
+    return max(1, min(math.ceil(n_rows / ev.batch_size), 4 * ev.num_actors))
+
+
 def generate_completions(
     cfg: Config, model_path: str | None, rows: list[dict[str, Any]]
 ) -> list[str]:
@@ -157,19 +167,15 @@ def generate_completions(
         return []
     ev = cfg.eval
 
-    def local(path: str) -> str:  # actors may run in another cwd
-        return path if io.is_uri(path) else os.path.abspath(path)
-
     feed = [
         {"key": i, "prefix": r["prefix"], "seed": int(r["seed"]), "temperature": r["temperature"]}
-        | ({} if model_path is not None else {"model_path": local(r["model_path"])})
+        | ({} if model_path is not None else {"model_path": _local(r["model_path"])})
         for i, r in enumerate(rows)
     ]
-    n_blocks = max(1, min(math.ceil(len(feed) / ev.batch_size), 4 * ev.num_actors))
     console.add_total(len(feed))  # the stage's progress bar counts generated rows
     ds = map_generate(
-        ray.data.from_items(feed, override_num_blocks=n_blocks),
-        None if model_path is None else local(model_path),
+        ray.data.from_items(feed, override_num_blocks=_n_blocks(len(feed), ev)),
+        None if model_path is None else _local(model_path),
         max_new_tokens=ev.max_new_tokens,
         batch_size=ev.batch_size,
         num_actors=ev.num_actors,
@@ -196,9 +202,6 @@ def add_step_surprise(
 
     from selfcorrect.generation import map_step_surprise
 
-    def local(path: str) -> str:  # actors may run in another cwd
-        return path if io.is_uri(path) else os.path.abspath(path)
-
     keys = [
         (name, p, w)
         for name in models
@@ -210,13 +213,12 @@ def add_step_surprise(
         return
     ev = cfg.eval
     feed = [
-        {"key": i, "prefix": p, "step": w, "model_path": local(models[name])}
+        {"key": i, "prefix": p, "step": w, "model_path": _local(models[name])}
         for i, (name, p, w) in enumerate(keys)
     ]
     console.add_total(len(feed))
-    n_blocks = max(1, min(math.ceil(len(feed) / ev.batch_size), 4 * ev.num_actors))
     ds = map_step_surprise(
-        ray.data.from_items(feed, override_num_blocks=n_blocks),
+        ray.data.from_items(feed, override_num_blocks=_n_blocks(len(feed), ev)),
         None,
         batch_size=ev.batch_size,
         num_actors=ev.num_actors,

@@ -567,6 +567,15 @@ class GenerationActor:
         self.model, self.tokenizer = load_model(model_path, dtype=dtype, device=self.device)
         self.loaded = model_path
 
+    def _row_models(self, batch: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """Each row's model: its ``model_path`` column, else the model loaded at start."""
+        if "model_path" in batch:
+            return np.asarray([str(p) for p in batch["model_path"]], dtype=object)
+        if self.loaded is None:
+            name = type(self).__name__
+            raise KeyError(f"{name} without a model_path needs a 'model_path' column")
+        return np.full(n, self.loaded, dtype=object)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for col in ("prefix", "seed", "temperature"):
             if col not in batch:
@@ -574,12 +583,7 @@ class GenerationActor:
         prefixes = [str(p) for p in batch["prefix"]]
         seeds = np.asarray(batch["seed"]).astype(np.int64)
         temps = np.asarray(batch["temperature"]).astype(np.float64)
-        if "model_path" in batch:
-            paths = np.asarray([str(p) for p in batch["model_path"]], dtype=object)
-        elif self.loaded is None:
-            raise KeyError("GenerationActor without a model_path needs a 'model_path' column")
-        else:
-            paths = np.full(len(prefixes), self.loaded, dtype=object)
+        paths = self._row_models(batch, len(prefixes))
         completions = np.empty(len(prefixes), dtype=object)
         for path in dict.fromkeys(paths):  # in order of first appearance
             self._load(path)
@@ -613,12 +617,7 @@ class SurpriseActor(GenerationActor):
                 raise KeyError(f"SurpriseActor needs a {col!r} column; got {sorted(batch)}")
         prefixes = [str(p) for p in batch["prefix"]]
         steps = [str(x) for x in batch["step"]]
-        if "model_path" in batch:
-            paths = np.asarray([str(p) for p in batch["model_path"]], dtype=object)
-        elif self.loaded is None:
-            raise KeyError("SurpriseActor without a model_path needs a 'model_path' column")
-        else:
-            paths = np.full(len(prefixes), self.loaded, dtype=object)
+        paths = self._row_models(batch, len(prefixes))
         surprise = np.empty(len(prefixes), dtype=np.float64)
         for path in dict.fromkeys(paths):  # in order of first appearance
             self._load(path)
