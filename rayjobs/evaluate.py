@@ -50,7 +50,7 @@ from selfcorrect.evaluate import (
     synthetic_items,
 )
 from selfcorrect.stats import GAP_SCHEMA, gap_table
-from selfcorrect.tasks import get_task
+from selfcorrect.tasks import get_task, signal_line
 
 HARVEST_COLUMNS = ["error_id", "problem_id", "prompt", "wrong_step", "error_type"]
 FT_ERRORS_FILE = "ft-test.parquet"
@@ -194,27 +194,42 @@ def generate_completions(
 def add_step_surprise(
     cfg: Config, models: dict[str, str], rows: dict[str, list[dict[str, Any]]]
 ) -> None:
-    """Set ``wrong_step_surprise`` on every error row of every model (name -> saved model dir;
-    name -> its scored rows): how surprising its wrong step was to that model after its
-    prefix (``generation.step_surprise``). Each distinct (model, prefix, step) is scored once,
-    all models in one pass on one actor pool (as their generations are)."""
+    """Teacher-forced scores of every error row of every model (name -> saved model dir;
+    name -> its scored rows), all models in one pass on one actor pool (as their generations
+    are); each distinct (model, prefix, step) is scored once:
+
+    * ``wrong_step_surprise``: how surprising the wrong step was to that model after its
+      prefix (``generation.step_surprise``);
+    * ``signal_logp`` / ``paired_signal_logp``: the log-probability that the model writes its
+      recognition signal (``signal_line``) next, after the wrong step / after the paired
+      correct step at the same state (``paired_step``; ``generation.step_scores``).
+      Recognition without the greedy threshold: ``summarize`` turns the pair into
+      ``discrimination_rate``.
+    """
     import ray
 
     from selfcorrect.generation import map_step_surprise
 
     keys = [
-        (name, p, w)
+        (name, p, s)
         for name in models
-        for p, w in sorted(
+        for p, s in sorted(
             {(r["prefix"], r["wrong_step"]) for r in rows[name] if r.get("wrong_step")}
+            | {(r["prefix"], r["paired_step"]) for r in rows[name] if _paired(r)}
         )
     ]
     if not keys:
         return
     ev = cfg.eval
     feed = [
-        {"key": i, "prefix": p, "step": w, "model_path": _local(models[name])}
-        for i, (name, p, w) in enumerate(keys)
+        {
+            "key": i,
+            "prefix": p,
+            "step": s,
+            "signal": signal_line(name),
+            "model_path": _local(models[name]),
+        }
+        for i, (name, p, s) in enumerate(keys)
     ]
     console.add_total(len(feed))
     ds = map_step_surprise(
@@ -225,14 +240,22 @@ def add_step_surprise(
         use_gpu=ev.use_gpu,
         cpus_per_actor=ev.cpus_per_actor,
     )
-    surprise = {
-        keys[int(rec["key"])]: float(rec["surprise"])
-        for rec in ds.select_columns(["key", "surprise"]).iter_rows()
+    scores = {
+        keys[int(rec["key"])]: (float(rec["surprise"]), float(rec["signal_logp"]))
+        for rec in ds.select_columns(["key", "surprise", "signal_logp"]).iter_rows()
     }
     for name in models:
         for r in rows[name]:
             if r.get("wrong_step"):
-                r["wrong_step_surprise"] = surprise[(name, r["prefix"], r["wrong_step"])]
+                key = (name, r["prefix"], r["wrong_step"])
+                r["wrong_step_surprise"], r["signal_logp"] = scores[key]
+            if _paired(r):
+                r["paired_signal_logp"] = scores[(name, r["prefix"], r["paired_step"])][1]
+
+
+def _paired(row: dict[str, Any]) -> bool:
+    """An error row with a correct step of its state to rank the wrong one against."""
+    return bool(row.get("wrong_step")) and bool(row.get("paired_step"))
 
 
 # ---------------------------------------------------------------------------

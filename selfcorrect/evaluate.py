@@ -86,7 +86,8 @@ from selfcorrect.tasks import (
 CONDITIONS = ("clean", "synthetic", "ft_errors", "matched_synthetic", "own_errors")
 ALL_TYPES = "all"  # error_type of the aggregate summary rows
 
-# The rates of DESIGN 7 (each with *_lo / *_hi) plus two conditional ones.
+# The rates of DESIGN 7 (each with *_lo / *_hi) plus two conditional ones, and recognition
+# without the greedy threshold (error rows scored with ``eval.surprise``; see ``discrimination``).
 RATES = (
     "accuracy",
     "recognition_rate",
@@ -95,6 +96,7 @@ RATES = (
     "false_alarm_rate",
     "correction_given_recognition",
     "parrot_given_recognition",
+    "discrimination_rate",
 )
 
 # Columns of <task>/eval/<model>.parquet (one row per item x temperature).
@@ -129,6 +131,13 @@ ITEM_COLUMNS = [
     # Error rows: minus the lowest log-probability among the wrong step's tokens under the
     # evaluated model, after the prefix (nats; generation.step_surprise): its belief in it.
     "wrong_step_surprise",
+    # Error rows: the correct step the wrong one is ranked against, the closest one at the same
+    # state (harvest.pick_gold: the gold_step of every origin but synthetic, whose gold_step is
+    # the golden trace's next step); and the log-probability (nats) that the model writes its
+    # recognition signal next after the wrong / the paired step (generation.step_scores).
+    "paired_step",
+    "signal_logp",
+    "paired_signal_logp",
 ]
 
 SUMMARY_KEYS = ["task", "model", "condition", "temperature", "error_type"]
@@ -493,12 +502,20 @@ def score_items(
                         **err,
                         "condition": "own_errors",
                         "item_id": f"{it['item_id']}-own{j}",
+                        "paired_step": err["gold_step"],  # pick_gold already
                     }
                 )
         else:
             state = state_after(task, problem, it["prefix_steps"])
             scores = score_after_error(task, problem, state, it["wrong_step"], completion)
-            out.append({**base, **scores, "last_step": is_last_step(task, state)})
+            out.append(
+                {
+                    **base,
+                    **scores,
+                    "last_step": is_last_step(task, state),
+                    "paired_step": pick_gold(task, state, it["wrong_step"]),
+                }
+            )
     return out
 
 
@@ -544,17 +561,42 @@ def _cluster_ci(codes: np.ndarray, rng: np.random.Generator) -> Interval:
 
 
 def _wilson_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
-    return wilson_interval(int(round(num.sum())), int(round(den.sum())))
+    # Sums of 0/1 flags, or of 0 / 0.5 / 1 (a tie in discrimination counts half a success).
+    return wilson_interval(float(num.sum()), float(den.sum()))
 
 
 def _rate(row: dict[str, Any], name: str, num: np.ndarray, den: np.ndarray, ci: Interval) -> None:
-    k, n = int(round(num.sum())), int(round(den.sum()))
+    k, n = float(num.sum()), float(den.sum())
     row[name] = k / n if n > 0 else math.nan
     row[f"{name}_lo"], row[f"{name}_hi"] = ci(num, den) if n > 0 else (math.nan, math.nan)
 
 
 def _flags(s: pd.Series) -> np.ndarray:
     return s.astype("boolean").fillna(False).to_numpy(dtype=float)
+
+
+def discrimination(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (1 if the model is likelier to write its recognition signal after the wrong
+    step than after the paired correct step at the same state, 0.5 on a tie, 0 otherwise;
+    1 where both scores exist, else 0).
+
+    Why: greedy recognition needs the signal to beat every other next line, a threshold a
+    model can miss while it still ranks errors above correct steps. The share of pairs ranked
+    the right way is a paired AUC (0.5: no better than chance, whatever the threshold), so
+    synthetic and own errors can be compared where greedy recognition is near zero. The
+    paired step is the correct step closest to the wrong one (``paired_step``; on sudoku the
+    same cell where it can be filled), the same rule for every origin: against the golden
+    next step instead, a model that flags an unexpected *cell* would score on synthetic
+    errors (written in any cell) without checking a digit.
+    """
+    n = len(rows)
+    if "signal_logp" not in rows or "paired_signal_logp" not in rows:
+        return np.zeros(n), np.zeros(n)
+    wrong = pd.to_numeric(rows["signal_logp"], errors="coerce").to_numpy(dtype=float)
+    gold = pd.to_numeric(rows["paired_signal_logp"], errors="coerce").to_numpy(dtype=float)
+    paired = ~(np.isnan(wrong) | np.isnan(gold))
+    ranked = np.where(wrong > gold, 1.0, np.where(wrong == gold, 0.5, 0.0))
+    return ranked * paired, paired.astype(float)
 
 
 def _summary_row(
@@ -594,6 +636,8 @@ def _summary_row(
     _rate(row, "false_alarm_rate", n_fa, n_ok, _cluster_ci(problem_clusters(per_trace), fa_rng))
     _rate(row, "correction_given_recognition", cor, rec, ci)
     _rate(row, "parrot_given_recognition", par, rec if par_defined.any() else 0 * rec, ci)
+    ranked, paired = discrimination(g)
+    _rate(row, "discrimination_rate", ranked, paired, ci)
     surprise = (
         g["wrong_step_surprise"] if "wrong_step_surprise" in g else pd.Series([], dtype=float)
     )
@@ -668,7 +712,8 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for c in ("step_index", "seed", *counts):
         df[c] = df[c].astype("Int64")
     df["temperature"] = df["temperature"].astype(float)
-    df["wrong_step_surprise"] = df["wrong_step_surprise"].astype(float)
+    for c in ("wrong_step_surprise", "signal_logp", "paired_signal_logp"):
+        df[c] = df[c].astype(float)
     return df
 
 

@@ -24,6 +24,7 @@ loads the model once per actor and adds a ``completion`` column.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -345,7 +346,6 @@ def _generate_batch(
     return out
 
 
-@torch.no_grad()
 def step_surprise(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -360,25 +360,57 @@ def step_surprise(
     token is the argmax); a synthetic error usually has a high one. Eval records it for every
     wrong step, so recognition can be read against the model's belief in the error.
     """
+    return step_scores(model, tokenizer, prefixes, steps, batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def step_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    steps: Sequence[str],
+    signals: Sequence[str | None] | None = None,
+    batch_size: int = 64,
+) -> tuple[list[float], list[float]]:
+    """Per row, teacher-forced after ``prefix``: (the step's surprise, as ``step_surprise``;
+    the log-probability (nats) that the model writes ``signal`` as the next line, i.e.
+    ``P(signal + "\\n" | prefix + step + "\\n")``; NaN where the row's signal is None).
+
+    Why the second number: greedy recognition is a threshold (the signal must beat every
+    other next line), and a model that ranks the signal higher after a wrong step than after
+    the correct one at the same state has learned to tell them apart even when it stays below
+    that threshold. Eval compares it after the wrong and after a correct step at the same state.
+    """
     if len(prefixes) != len(steps):
         raise ValueError(f"got {len(steps)} steps for {len(prefixes)} prefixes")
+    signals = [None] * len(steps) if signals is None else list(signals)
+    if len(signals) != len(steps):
+        raise ValueError(f"got {len(signals)} signals for {len(steps)} steps")
     if not prefixes:
-        return []
+        return [], []
     device = next(model.parameters()).device
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    rows: list[tuple[list[int], int]] = []  # (token ids, index of the step's first token)
-    for prefix, step in zip(prefixes, steps, strict=True):
+    # (token ids, the step's tokens [first, end), the signal's tokens [sig, len(ids)))
+    rows: list[tuple[list[int], int, int, int]] = []
+    for prefix, step, signal in zip(prefixes, steps, signals, strict=True):
         if not prefix.endswith("\n"):
             raise ValueError(f"prefix {prefix[-40:]!r} must end with a newline (render_prefix)")
         head = frame_text(tokenizer, prefix)  # as in training: the step follows directly
-        enc = tokenizer(head + step.strip(), add_special_tokens=False, return_offsets_mapping=True)
+        body = head + step.strip()
+        text = body if signal is None else body + "\n" + signal + "\n"
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        # The step's first token: the first one that ends inside the step's characters.
+        # The step's tokens: from the first one that ends inside its characters to the last
+        # that starts inside them; the signal's: every token that ends inside the signal line.
         first = next((k for k, (_, end) in enumerate(offsets) if end > len(head)), len(ids))
-        if first == 0 or first >= len(ids):
+        end = next((k for k, (start, _) in enumerate(offsets) if start >= len(body)), len(ids))
+        sig = len(ids)
+        if signal is not None:
+            sig = next((k for k, (_, e) in enumerate(offsets) if e > len(body) + 1), len(ids))
+        if first == 0 or first >= end or (signal is not None and sig >= len(ids)):
             raise ValueError(f"cannot place step {step!r} after prefix {prefix[:60]!r}...")
-        rows.append((ids, first))
-    out = [0.0] * len(rows)
+        rows.append((ids, first, end, sig))
+    surprise, signal_logp = [0.0] * len(rows), [math.nan] * len(rows)
     was_training = model.training
     model.eval()
     try:
@@ -396,11 +428,13 @@ def step_surprise(
             # token_logp[b, t] = log P(ids[b, t + 1] | ids[b, : t + 1]): [B, T - 1]
             token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
             for r, i in enumerate(batch):
-                n, first = len(rows[i][0]), rows[i][1]
-                out[i] = float(-token_logp[r, first - 1 : n - 1].min())
+                n, first, end, sig = len(rows[i][0]), rows[i][1], rows[i][2], rows[i][3]
+                surprise[i] = float(-token_logp[r, first - 1 : end - 1].min())
+                if sig < n:
+                    signal_logp[i] = float(token_logp[r, sig - 1 : n - 1].sum())
     finally:
         model.train(was_training)
-    return out
+    return surprise, signal_logp
 
 
 def model_context(model: torch.nn.Module) -> int | None:
@@ -608,8 +642,10 @@ class GenerationActor:
 
 class SurpriseActor(GenerationActor):
     """Ray Data callable class: the same model copy; adds ``surprise`` (``step_surprise``)
-    for columns ``prefix`` and ``step``. Other columns pass through; a ``model_path``
-    column names each row's model, as for ``GenerationActor``."""
+    for columns ``prefix`` and ``step``, and with a ``signal`` column (a line, or "" for none)
+    ``signal_logp`` (``step_scores``: the log-probability of that line next; NaN for "").
+    Other columns pass through; a ``model_path`` column names each row's model, as for
+    ``GenerationActor``."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for col in ("prefix", "step"):
@@ -617,19 +653,24 @@ class SurpriseActor(GenerationActor):
                 raise KeyError(f"SurpriseActor needs a {col!r} column; got {sorted(batch)}")
         prefixes = [str(p) for p in batch["prefix"]]
         steps = [str(x) for x in batch["step"]]
+        signals = [str(x) or None for x in batch["signal"]] if "signal" in batch else None
         paths = self._row_models(batch, len(prefixes))
         surprise = np.empty(len(prefixes), dtype=np.float64)
+        signal_logp = np.full(len(prefixes), np.nan, dtype=np.float64)
         for path in dict.fromkeys(paths):  # in order of first appearance
             self._load(path)
             idx = np.flatnonzero(paths == path)
-            surprise[idx] = step_surprise(
+            surprise[idx], signal_logp[idx] = step_scores(
                 self.model,
                 self.tokenizer,
                 [prefixes[i] for i in idx],
                 [steps[i] for i in idx],
+                None if signals is None else [signals[i] for i in idx],
                 batch_size=self.batch_size,
             )
         out = dict(batch)
         out["surprise"] = surprise
+        if signals is not None:
+            out["signal_logp"] = signal_logp
         self.progress.add(len(surprise))
         return out

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from selfcorrect.tasks.base import INSEC_CLOSE, RECOGNITION_LINE
+from selfcorrect.tasks.base import signal_line
 from selfcorrect.tokenizer import chat_head
 from selfcorrect.traces import Example, Span
 
@@ -119,7 +119,7 @@ def token_weights_reference(
 
 def recognition_signal(example: Example) -> str:
     """The line a model trained on ``example`` writes to flag an error."""
-    return INSEC_CLOSE if example.source == "insec" else RECOGNITION_LINE
+    return signal_line(example.source)
 
 
 def false_alarm_targets(tokenizer, example: Example, offsets: list[tuple[int, int]]) -> np.ndarray:

@@ -682,6 +682,48 @@ def gaps_table(run: Run) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+def _ranking_gaps(run: Run) -> pd.DataFrame | None:
+    """``gap_table`` on the discrimination rate, at the lowest temperature of each task x model."""
+    s = run.summary
+    if s is None or s.empty or "discrimination_rate" not in s.columns:
+        return None
+    g = gap_table(greedy(s), "discrimination_rate")
+    return None if g.empty else g
+
+
+def ranking_table(run: Run) -> pd.DataFrame | None:
+    """Per task x method: the share of errors after which the model is likelier to write its
+    recognition signal than after the correct step at the same state (a paired AUC; 0.5 is
+    chance), per error origin, and synthetic minus own with its 95% interval (greedy rows)."""
+    s = run.summary
+    if s is None or s.empty or "discrimination_rate" not in s.columns:
+        return None
+    s = greedy(s[s["condition"].isin(ERROR_CONDITIONS) & s["discrimination_rate"].notna()])
+    if s.empty:
+        return None
+    g = _ranking_gaps(run)
+    conds = [c for c in ERROR_CONDITIONS if c in set(s["condition"])]
+    own = comparison_name("synthetic", "own_errors")
+    rows = []
+    for task in _order(s["task"], run.tasks):
+        for model in _order(s[s["task"] == task]["model"], MODELS):
+            row: dict[str, Any] = {"task": task, "method": model}
+            for cond in conds:
+                r = _row(s, task=task, model=model, condition=cond)
+                if r is None:
+                    row[CONDITION_LABEL[cond]] = "–"
+                    continue
+                rate = "discrimination_rate"
+                cell = _fmt(r[rate], r.get(f"{rate}_lo"), r.get(f"{rate}_hi"))
+                row[CONDITION_LABEL[cond]] = f"{cell} (n {int(r['n'])})"
+            x = None if g is None else _row(g, task=task, model=model, comparison=own)
+            row["synthetic − own"] = (
+                "–" if x is None else _fmt(x["diff"], x["diff_lo"], x["diff_hi"])
+            )
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
 def _pct(v: float) -> str:
     return "–" if v is None or math.isnan(v) else f"{100 * v:.0f}%"
 
@@ -780,8 +822,29 @@ def headline(run: Run) -> list[str]:
                     )
             if more:
                 text += " It recognises " + " and ".join(more) + "."
+            text += _ranking_sentence(run, task, model)
             out.append(f"- {text}")
     return out
+
+
+def _ranking_sentence(run: Run, task: str, model: str) -> str:
+    """The headline's threshold-free half: how often the model ranks its signal higher after
+    a synthetic / its own error than after the correct step (empty without the scores)."""
+    s, g = run.summary, _ranking_gaps(run)
+    if s is None or g is None or "discrimination_rate" not in s.columns:
+        return ""
+    s = greedy(s)
+    x = _row(g, task=task, model=model, comparison=comparison_name("synthetic", "own_errors"))
+    syn = _row(s, task=task, model=model, condition="synthetic")
+    own = _row(s, task=task, model=model, condition="own_errors")
+    if x is None or syn is None or own is None:
+        return ""
+    return (
+        f" Without the greedy threshold, it is likelier to flag the error than the correct "
+        f"step after {_pct(syn['discrimination_rate'])} of synthetic errors and "
+        f"{_pct(own['discrimination_rate'])} of its own (gap {x['diff']:.2f}, "
+        f"{x['diff_lo']:.2f} to {x['diff_hi']:.2f}; 50% is chance)."
+    )
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -1193,6 +1256,24 @@ SECTIONS = (
         fig_gaps,
         gaps_table,
         "no eval_gaps.parquet or eval summary with error conditions (run rayjobs.evaluate)",
+    ),
+    Section(
+        "ranking",
+        "Recognition without the greedy threshold",
+        "Greedy recognition needs the signal to beat every other next line. Here, per error, "
+        "the model's log-probability of writing its signal next (`signal_logp`) is compared "
+        "with the same after the closest correct step at the same state (`paired_step`, "
+        "`paired_signal_logp`; on sudoku the same cell where it can be filled, so only the "
+        "digit differs): the share of errors ranked above their correct step (a paired AUC, "
+        "0.5 = chance, as FT and GRPO, never taught a signal, should score; "
+        "`discrimination_rate` in eval_summary.parquet), with 95% intervals as for "
+        "recognition. A model can tell errors from correct steps below the threshold, or "
+        "flag where a step is written rather than whether it is right; the gap synthetic − "
+        "own then asks the experiment's question without the threshold.",
+        lambda r: None,
+        ranking_table,
+        "no `signal_logp` in the eval rows (`eval.surprise: false`, or a run from before it "
+        "was recorded; rerun rayjobs.evaluate with `eval.surprise=true`)",
     ),
     Section(
         "position",

@@ -245,17 +245,17 @@ def comparison_name(a: str, b: str) -> str:
     return f"{a}-{b}"
 
 
-def gap_table(summary: pd.DataFrame | None) -> pd.DataFrame:
+def gap_table(summary: pd.DataFrame | None, rate: str = "recognition_rate") -> pd.DataFrame:
     """Eval summary -> one row per task x model x temperature x comparison (``GAP_COLUMNS``).
 
-    Uses the aggregate rows (``error_type == "all"``) and their recognition-rate
-    intervals, so it is a pure function of ``eval_summary.parquet``. A comparison is
+    Uses the aggregate rows (``error_type == "all"``) and the intervals of ``rate``
+    (the headline's recognition rate; the report also compares ``discrimination_rate``), so it is a pure function of ``eval_summary.parquet``. A comparison is
     left out when either condition is absent or has no item. ``method`` says how the
     interval was built: ``newcombe`` (both Wilson) or ``newcombe_mover_cluster_bootstrap``
     (a side's interval is the cluster bootstrap; summaries without an
     ``interval_method`` column are taken as Wilson, which is what they computed).
     """
-    need = {"task", "model", "condition", "temperature", "n", "recognition_rate"}
+    need = {"task", "model", "condition", "temperature", "n", rate}
     if summary is None or summary.empty or not need <= set(summary.columns):
         return pd.DataFrame(columns=GAP_COLUMNS)
     s = summary
@@ -272,11 +272,13 @@ def gap_table(summary: pd.DataFrame | None) -> pd.DataFrame:
 
             def triple(r: dict[str, Any]) -> tuple[float, float, float]:
                 return (
-                    float(r["recognition_rate"]),
-                    float(r.get("recognition_rate_lo", math.nan)),
-                    float(r.get("recognition_rate_hi", math.nan)),
+                    float(r[rate]),
+                    float(r.get(f"{rate}_lo", math.nan)),
+                    float(r.get(f"{rate}_hi", math.nan)),
                 )
 
+            if math.isnan(triple(ra)[0]) or math.isnan(triple(rb)[0]):
+                continue  # the rate is undefined on a side (e.g. no scored pairs)
             d, lo, hi = mover_diff_interval(*triple(ra), *triple(rb))
             clustered = any(r.get("interval_method") == CLUSTER_BOOTSTRAP for r in (ra, rb))
             rows.append(

@@ -559,3 +559,48 @@ def test_run_summary_keeps_every_task_when_tasks_finish_in_threads(tmp_path):
         t.join()
     summary = pd.read_parquet(os.path.join(out, "eval_summary.parquet"))
     assert summary["task"].tolist() == ["multiplication", "sudoku"]
+
+
+def test_discrimination_ranks_each_error_against_its_gold_step():
+    """1 when the signal is likelier after the wrong step than after the gold one, 0.5 on a
+    tie, 0 below; rows without both scores are left out of the rate."""
+    pairs = [(-1.0, -3.0), (-3.0, -1.0), (-2.0, -2.0), (-0.5, -4.0), (None, -1.0)]
+    rows = [_row("clean", "p0", ok=3)] + [
+        {**_row("synthetic", f"s{i}", "digit"), "signal_logp": w, "paired_signal_logp": g}
+        for i, (w, g) in enumerate(pairs)
+    ]
+    s = summarize(rows).set_index(["condition", "error_type"])
+    syn = s.loc[("synthetic", ALL_TYPES)]
+    assert syn["n"] == 5 and syn["discrimination_rate"] == pytest.approx(2.5 / 4)
+    assert syn["discrimination_rate_lo"] < 2.5 / 4 < syn["discrimination_rate_hi"]
+    assert math.isnan(s.loc[("clean", ALL_TYPES)]["discrimination_rate"])
+    # Rows from before the scores (or eval.surprise off): undefined, not 0.
+    plain = summarize([_row("synthetic", "s0", "digit")]).iloc[0]
+    assert math.isnan(plain["discrimination_rate"])
+
+
+def test_every_error_row_is_paired_with_the_closest_correct_step_of_its_state(case):
+    """``paired_step`` (what ``discrimination_rate`` ranks the wrong step against) follows one
+    rule for every origin: ``pick_gold`` at the wrong step's state. Synthetic rows keep the
+    golden next step as ``gold_step``; on sudoku the two differ when the error is written in
+    another cell than the golden step's."""
+    from selfcorrect.harvest import pick_gold
+
+    task, problem = case["task"], case["problem"]
+    answer = task.answer_line(problem)
+    prompt_rows = [{"problem_id": f"p{i}", "prompt": case["prompt"]} for i in range(40)]
+    items = synthetic_items(task, prompt_rows, seed=0)
+    differ = 0
+    for it in items:
+        it = dict(it, task=task.name, model="m", temperature=0.0, seed=1)
+        (row,) = score_items(task, [it], [lines(R, it["gold_step"], answer)])
+        state = state_after(task, problem, it["prefix_steps"])
+        assert row["paired_step"] == pick_gold(task, state, row["wrong_step"])
+        assert task.check_step(state, row["paired_step"])
+        assert not task.check_step(state, row["wrong_step"])
+        differ += row["paired_step"] != row["gold_step"]
+    assert differ > 0 if task.name == "sudoku" else differ == 0
+    free = dict(clean_items(prompt_rows[:1])[0], task=task.name, model="m", temperature=0.0)
+    text = lines(*case["prefix"], case["wrong"], R, case["fix"], *case["rest"], answer)
+    own = [r for r in score_items(task, [free], [text]) if r["condition"] == "own_errors"]
+    assert own and all(r["paired_step"] == r["gold_step"] for r in own)

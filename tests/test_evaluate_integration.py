@@ -22,11 +22,11 @@ from rayjobs.common import JobContext, read_manifest
 from selfcorrect import io
 from selfcorrect.data import load_problems
 from selfcorrect.evaluate import ALL_TYPES, CONDITIONS, ITEM_COLUMNS, RATES, own_errors
-from selfcorrect.generation import generate, step_surprise
+from selfcorrect.generation import generate, step_scores, step_surprise
 from selfcorrect.loss import LossWeights, collate, encode_example, weighted_lm_loss
 from selfcorrect.models import build_model, load_model, save_model
 from selfcorrect.stats import GAP_COLUMNS
-from selfcorrect.tasks import get_task, split_lines
+from selfcorrect.tasks import get_task, signal_line, split_lines
 from selfcorrect.traces import build_example
 
 pytestmark = pytest.mark.integration
@@ -175,6 +175,18 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
             some = err.drop_duplicates(["prefix", "wrong_step"]).head(6)
             want = step_surprise(m, tok, list(some["prefix"]), list(some["wrong_step"]))
             assert np.allclose(some["wrong_step_surprise"], want, atol=1e-4)
+            # ... and the log-probability of its signal after the wrong and the paired step.
+            assert err["signal_logp"].notna().all() and (err["signal_logp"] < 0).all()
+            paired = err[err["paired_step"].notna()]
+            assert len(paired) and paired["paired_signal_logp"].notna().all()
+            some = paired.drop_duplicates(["prefix", "wrong_step"]).head(4)
+            sig = [signal_line(model)] * len(some)
+            for col, steps in (
+                ("signal_logp", "wrong_step"),
+                ("paired_signal_logp", "paired_step"),
+            ):
+                _, want = step_scores(m, tok, list(some["prefix"]), list(some[steps]), sig)
+                assert np.allclose(some[col], want, atol=1e-4)
             # The same items at every temperature, and for every model.
             syn = rows[rows["condition"] == "synthetic"]
             by_t = [

@@ -394,3 +394,48 @@ def test_surprise_actor_scores_each_row_under_the_model_it_names(trained, prefix
     want_b = step_surprise(other.eval(), tok, prefixes[2:4], steps[2:])
     assert np.allclose(out["surprise"], [*want_a, *want_b], atol=1e-4)
     assert not np.allclose(want_b, step_surprise(model, tok, prefixes[2:4], steps[2:]), atol=1e-3)
+
+
+def test_step_scores_give_the_signal_lines_log_probability_after_the_step(trained, prefixes):
+    """``signal_logp``: log P(signal + newline | prefix + step + newline), teacher-forced, checked
+    against one plain forward pass per row; the surprise is unchanged by the appended line."""
+    from selfcorrect.generation import step_scores, step_surprise
+
+    model, tok = trained
+    steps = ["12*3=36", "1*1=999999", "7"]
+    pre = [prefixes[0], prefixes[1] + "5*5=25\n", prefixes[2]]
+    signals = [RECOGNITION_LINE, RECOGNITION_LINE, None]
+    surprise, logp = step_scores(model, tok, pre, steps, signals, batch_size=2)
+    assert surprise == pytest.approx(step_surprise(model, tok, pre, steps), abs=1e-5)
+    for p, s, sig, value in zip(pre[:2], steps[:2], signals[:2], logp[:2], strict=True):
+        head = p + s + "\n"  # one token per character
+        ids = tok(head + sig + "\n", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = sum(float(lp[t - 1, ids[t]]) for t in range(len(head), len(ids)))
+        assert value == pytest.approx(want, abs=1e-3)
+        assert value < 0
+    assert np.isnan(logp[2])  # no signal asked for this row
+    assert step_scores(model, tok, [], []) == ([], [])
+    with pytest.raises(ValueError, match="signals"):
+        step_scores(model, tok, pre, steps, [None])
+
+
+def test_surprise_actor_adds_the_signal_column_when_asked(trained, prefixes, tmp_path):
+    from selfcorrect.generation import SurpriseActor, step_scores
+
+    model, tok = trained
+    save_model(model, tok, str(tmp_path))
+    actor = SurpriseActor(str(tmp_path), max_new_tokens=1, batch_size=2, torch_threads=1)
+    steps = ["12*3=36", "1*1=1", "9"]
+    batch = {
+        "prefix": np.array(prefixes[:3], dtype=object),
+        "step": np.array(steps, dtype=object),
+        "signal": np.array([RECOGNITION_LINE, "", INSEC_CLOSE], dtype=object),
+    }
+    out = actor(batch)
+    want = step_scores(model, tok, prefixes[:3], steps, [RECOGNITION_LINE, None, INSEC_CLOSE])
+    assert np.allclose(out["surprise"], want[0], atol=1e-5)
+    assert np.isnan(out["signal_logp"][1])
+    assert np.allclose(out["signal_logp"][[0, 2]], np.array(want[1])[[0, 2]], atol=1e-5)
+    assert "signal_logp" not in actor({k: v for k, v in batch.items() if k != "signal"})

@@ -221,6 +221,10 @@ def make_synthetic_run(root: str, seed: int = 0, stages: tuple[str, ...] = ("all
                                     "n_false_alarms_last_step": None if err else int(i % 5 == 0),
                                     # The model's belief in the wrong step (no RNG draw).
                                     "wrong_step_surprise": (0.5 + (i % 5)) if err else None,
+                                    # The signal's log-probability after the wrong and after
+                                    # the paired step (no RNG draw): i % 4 in (0, 1) ranks right.
+                                    "signal_logp": -1.0 - (i % 4) if err else None,
+                                    "paired_signal_logp": -2.5 if err else None,
                                 }
                             )
                 df = rows_frame(rows)
@@ -816,3 +820,36 @@ def test_belief_table_splits_recognition_by_surprise(tmp_path):
     # A run from before the column: the section is skipped with its note.
     run.evals = run.evals.drop(columns=["wrong_step_surprise"])
     assert belief_table(run) is None
+
+
+def test_ranking_table_and_headline_read_the_discrimination_rate(tmp_path):
+    """The threshold-free comparison: per origin, the share of errors after which the signal
+    is likelier than after the paired correct step, and synthetic minus own with its interval."""
+    from selfcorrect.report import headline, ranking_table
+
+    run = load_run(make_synthetic_run(str(tmp_path / "run")))
+    table = ranking_table(run)
+    e = run.evals
+    for task in TYPES:
+        g = e[(e.task == task) & (e.model == "eift") & (e.temperature == min(TEMPS))]
+        row = table[(table.task == task) & (table.method == "eift")].iloc[0]
+        for cond, label in (("synthetic", "synthetic errors"), ("own_errors", "own errors")):
+            part = g[g.condition == cond]
+            share = (part["signal_logp"] > part["paired_signal_logp"]).mean()  # i % 4 in (0, 1)
+            assert share == pytest.approx(
+                ((part["item_id"].str.split("-").str[-1].astype(int) % 4) < 2).mean()
+            )
+            assert row[label].startswith(f"{share:.2f} [") and row[label].endswith(
+                f"(n {len(part)})"
+            )
+        gap = run.summary
+        gap = gap_table(gap[gap.temperature == min(TEMPS)], "discrimination_rate")
+        x = gap[
+            (gap.task == task) & (gap.model == "eift") & (gap.comparison == "synthetic-own_errors")
+        ].iloc[0]
+        assert row["synthetic − own"] == f"{x['diff']:.2f} [{x['diff_lo']:.2f}, {x['diff_hi']:.2f}]"
+    assert any("Without the greedy threshold" in line for line in headline(run))
+    # Runs without the scores (eval.surprise off, older runs): no table, the headline as before.
+    run.summary = run.summary.drop(columns=[c for c in run.summary if "discrimination" in c])
+    assert ranking_table(run) is None
+    assert not any("Without the greedy threshold" in line for line in headline(run))

@@ -175,3 +175,42 @@ def test_gap_table_from_a_summary():
         assert pa.Table.from_pandas(table, schema=GAP_SCHEMA, preserve_index=False).num_rows == len(
             table
         )
+
+
+def test_gap_table_of_another_rate_uses_its_intervals_and_skips_undefined_sides():
+    """The report's threshold-free gap: ``gap_table(summary, "discrimination_rate")``."""
+
+    def row(cond, p, n, k, model="eift"):
+        lo, hi = wilson_interval(k, n) if n else (math.nan, math.nan)
+        return {
+            "task": "t",
+            "model": model,
+            "condition": cond,
+            "temperature": 0.0,
+            "error_type": "all",
+            "n": 100,
+            "recognition_rate": 0.1,
+            "recognition_rate_lo": 0.05,
+            "recognition_rate_hi": 0.2,
+            "discrimination_rate": p,
+            "discrimination_rate_lo": lo,
+            "discrimination_rate_hi": hi,
+            "interval_method": "wilson",
+        }
+
+    s = pd.DataFrame(
+        [
+            row("synthetic", 0.9, 100, 90),
+            row("own_errors", 0.55, 100, 55),
+            row("ft_errors", math.nan, 0, 0),  # no scored pair: undefined, left out
+        ]
+    )
+    g = gap_table(s, "discrimination_rate")
+    assert list(g["comparison"]) == ["synthetic-own_errors"]
+    r = g.iloc[0]
+    assert (r["diff"], r["diff_lo"], r["diff_hi"]) == pytest.approx(
+        newcombe_diff_interval(90, 100, 55, 100)
+    )
+    # The default is still recognition, and the undefined side does not drop its comparison.
+    assert set(gap_table(s)["comparison"]) == {"synthetic-own_errors", "synthetic-ft_errors"}
+    assert gap_table(s)["diff"].eq(0.0).all()

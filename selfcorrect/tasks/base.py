@@ -200,6 +200,12 @@ def is_recognition(line: str) -> bool:
     return line.strip() in (RECOGNITION_LINE, INSEC_CLOSE)
 
 
+def signal_line(method: str) -> str:
+    """The line a model trained by ``method`` writes to flag an error: InSeC's closing
+    marker, every other method's recognition line (FT and GRPO are never taught one)."""
+    return INSEC_CLOSE if method == "insec" else RECOGNITION_LINE
+
+
 def is_answer(line: str) -> bool:
     """An ``ANSWER ...`` line (judged after ``clean_line``)."""
     return line.strip().startswith(ANSWER_PREFIX.strip())
