@@ -324,8 +324,10 @@ class EvalConfig:
     cpus_per_actor: int = _f(1, "CPU cores per generation actor (sets torch threads)")
     surprise: bool = _f(
         True,
-        "score each wrong step's surprise under the evaluated model (wrong_step_surprise; "
-        "a second actor pool per task, every model in one pass); false leaves the column empty",
+        "score each wrong step under the evaluated model: its surprise (wrong_step_surprise) "
+        "and the signal's log-probability after it and after its paired correct step "
+        "(signal_logp, paired_signal_logp -> discrimination_rate); a second actor pool per "
+        "task, every model in one pass; false leaves the columns empty",
     )
 
     def validate(self) -> None:
