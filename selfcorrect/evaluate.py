@@ -80,6 +80,7 @@ from selfcorrect.tasks import (
     is_recognition,
     sample_error,
     split_lines,
+    step_target,
     walk_trace,
 )
 
@@ -131,10 +132,10 @@ ITEM_COLUMNS = [
     # Error rows: minus the lowest log-probability among the wrong step's tokens under the
     # evaluated model, after the prefix (nats; generation.step_surprise): its belief in it.
     "wrong_step_surprise",
-    # Error rows: the correct step the wrong one is ranked against, the closest one at the same
-    # state (harvest.pick_gold: the gold_step of every origin but synthetic, whose gold_step is
-    # the golden trace's next step); and the log-probability (nats) that the model writes its
-    # recognition signal next after the wrong / the paired step (generation.step_scores).
+    # Error rows: the correct step the wrong one is ranked against (paired_step: the same
+    # target with the right value, or none); and the log-probability (nats) that the model
+    # writes its recognition signal next after the wrong / the paired step
+    # (generation.step_scores).
     "paired_step",
     "signal_logp",
     "paired_signal_logp",
@@ -475,6 +476,17 @@ def generation_seed(seed: int, task: str, item_id: str, temperature: float) -> i
 # ---------------------------------------------------------------------------
 
 
+def paired_step(wrong_step: str, closest: str | None) -> str | None:
+    """The correct step a wrong one is ranked against for ``discrimination_rate``: the closest
+    correct step of its state (``harvest.pick_gold``) when it writes the same target, so only
+    the value differs; else None (a sudoku digit written in a cell no correct step can fill
+    yet: no pair). Why: a pair in two different cells would also measure which cell the model
+    expects next, not whether the value is right."""
+    if closest is None or step_target(closest) != step_target(wrong_step):
+        return None
+    return closest
+
+
 def score_items(
     task: Task, items: Iterable[dict[str, Any]], completions: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -502,7 +514,7 @@ def score_items(
                         **err,
                         "condition": "own_errors",
                         "item_id": f"{it['item_id']}-own{j}",
-                        "paired_step": err["gold_step"],  # pick_gold already
+                        "paired_step": paired_step(err["wrong_step"], err["gold_step"]),
                     }
                 )
         else:
@@ -513,7 +525,9 @@ def score_items(
                     **base,
                     **scores,
                     "last_step": is_last_step(task, state),
-                    "paired_step": pick_gold(task, state, it["wrong_step"]),
+                    "paired_step": paired_step(
+                        it["wrong_step"], pick_gold(task, state, it["wrong_step"])
+                    ),
                 }
             )
     return out
@@ -584,10 +598,10 @@ def discrimination(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     model can miss while it still ranks errors above correct steps. The share of pairs ranked
     the right way is a paired AUC (0.5: no better than chance, whatever the threshold), so
     synthetic and own errors can be compared where greedy recognition is near zero. The
-    paired step is the correct step closest to the wrong one (``paired_step``; on sudoku the
-    same cell where it can be filled), the same rule for every origin: against the golden
-    next step instead, a model that flags an unexpected *cell* would score on synthetic
-    errors (written in any cell) without checking a digit.
+    paired step (``paired_step``) writes the same target as the wrong one with the right value,
+    by one rule for every origin: against the golden next step instead, a model that flags an
+    unexpected *cell* would score on synthetic errors (written in any cell) without checking
+    a digit.
     """
     n = len(rows)
     if "signal_logp" not in rows or "paired_signal_logp" not in rows:
@@ -637,6 +651,7 @@ def _summary_row(
     _rate(row, "correction_given_recognition", cor, rec, ci)
     _rate(row, "parrot_given_recognition", par, rec if par_defined.any() else 0 * rec, ci)
     ranked, paired = discrimination(g)
+    row["n_paired"] = int(paired.sum())
     _rate(row, "discrimination_rate", ranked, paired, ci)
     surprise = (
         g["wrong_step_surprise"] if "wrong_step_surprise" in g else pd.Series([], dtype=float)
@@ -694,6 +709,7 @@ def summarize(rows: pd.DataFrame | list[dict[str, Any]], seed: int = 0) -> pd.Da
 
 def _summary_columns() -> list[str]:
     cols = SUMMARY_KEYS + ["n", "n_problems", "n_recognized", "n_ok_steps", "n_false_alarms"]
+    cols += ["n_paired"]  # error rows with both signal scores: discrimination_rate's n
     for r in RATES:
         cols += [r, f"{r}_lo", f"{r}_hi"]
     return cols + ["mean_wrong_step_surprise", "interval_method", "false_alarm_interval_method"]

@@ -687,7 +687,9 @@ def _ranking_gaps(run: Run) -> pd.DataFrame | None:
     s = run.summary
     if s is None or s.empty or "discrimination_rate" not in s.columns:
         return None
-    g = gap_table(greedy(s), "discrimination_rate")
+    if "n_paired" not in s.columns:
+        return None
+    g = gap_table(greedy(s), "discrimination_rate", n="n_paired")
     return None if g.empty else g
 
 
@@ -696,7 +698,7 @@ def ranking_table(run: Run) -> pd.DataFrame | None:
     recognition signal than after the correct step at the same state (a paired AUC; 0.5 is
     chance), per error origin, and synthetic minus own with its 95% interval (greedy rows)."""
     s = run.summary
-    if s is None or s.empty or "discrimination_rate" not in s.columns:
+    if s is None or s.empty or not {"discrimination_rate", "n_paired"} <= set(s.columns):
         return None
     s = greedy(s[s["condition"].isin(ERROR_CONDITIONS) & s["discrimination_rate"].notna()])
     if s.empty:
@@ -715,7 +717,7 @@ def ranking_table(run: Run) -> pd.DataFrame | None:
                     continue
                 rate = "discrimination_rate"
                 cell = _fmt(r[rate], r.get(f"{rate}_lo"), r.get(f"{rate}_hi"))
-                row[CONDITION_LABEL[cond]] = f"{cell} (n {int(r['n'])})"
+                row[CONDITION_LABEL[cond]] = f"{cell} (n {int(r['n_paired'])})"
             x = None if g is None else _row(g, task=task, model=model, comparison=own)
             row["synthetic − own"] = (
                 "–" if x is None else _fmt(x["diff"], x["diff_lo"], x["diff_hi"])
@@ -1262,10 +1264,11 @@ SECTIONS = (
         "Recognition without the greedy threshold",
         "Greedy recognition needs the signal to beat every other next line. Here, per error, "
         "the model's log-probability of writing its signal next (`signal_logp`) is compared "
-        "with the same after the closest correct step at the same state (`paired_step`, "
-        "`paired_signal_logp`; on sudoku the same cell where it can be filled, so only the "
-        "digit differs): the share of errors ranked above their correct step (a paired AUC, "
-        "0.5 = chance, as FT and GRPO, never taught a signal, should score; "
+        "with the same after the correct step of that state that writes the same target "
+        "(`paired_step`, `paired_signal_logp`: the sudoku cell or the multiplication "
+        "left-hand side, so only the value differs; n counts the errors with such a step): "
+        "the share of errors ranked above their correct step (a paired AUC, 0.5 = chance, "
+        "as FT and GRPO, never taught a signal, should score; "
         "`discrimination_rate` in eval_summary.parquet), with 95% intervals as for "
         "recognition. A model can tell errors from correct steps below the threshold, or "
         "flag where a step is written rather than whether it is right; the gap synthetic − "

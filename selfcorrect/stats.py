@@ -245,17 +245,20 @@ def comparison_name(a: str, b: str) -> str:
     return f"{a}-{b}"
 
 
-def gap_table(summary: pd.DataFrame | None, rate: str = "recognition_rate") -> pd.DataFrame:
+def gap_table(
+    summary: pd.DataFrame | None, rate: str = "recognition_rate", n: str = "n"
+) -> pd.DataFrame:
     """Eval summary -> one row per task x model x temperature x comparison (``GAP_COLUMNS``).
 
     Uses the aggregate rows (``error_type == "all"``) and the intervals of ``rate``
-    (the headline's recognition rate; the report also compares ``discrimination_rate``), so it is a pure function of ``eval_summary.parquet``. A comparison is
+    (the headline's recognition rate; the report also compares ``discrimination_rate``, whose
+    items are counted by ``n="n_paired"``), so it is a pure function of ``eval_summary.parquet``. A comparison is
     left out when either condition is absent or has no item. ``method`` says how the
     interval was built: ``newcombe`` (both Wilson) or ``newcombe_mover_cluster_bootstrap``
     (a side's interval is the cluster bootstrap; summaries without an
     ``interval_method`` column are taken as Wilson, which is what they computed).
     """
-    need = {"task", "model", "condition", "temperature", "n", rate}
+    need = {"task", "model", "condition", "temperature", n, rate}
     if summary is None or summary.empty or not need <= set(summary.columns):
         return pd.DataFrame(columns=GAP_COLUMNS)
     s = summary
@@ -267,7 +270,7 @@ def gap_table(summary: pd.DataFrame | None, rate: str = "recognition_rate") -> p
         by = {c: r for c, r in zip(g["condition"], g.to_dict("records"), strict=True)}
         for a, b in GAP_COMPARISONS:
             ra, rb = by.get(a), by.get(b)
-            if ra is None or rb is None or not ra["n"] or not rb["n"]:
+            if ra is None or rb is None or not ra[n] or not rb[n]:
                 continue
 
             def triple(r: dict[str, Any]) -> tuple[float, float, float]:
@@ -288,8 +291,8 @@ def gap_table(summary: pd.DataFrame | None, rate: str = "recognition_rate") -> p
                     "diff": d,
                     "diff_lo": lo,
                     "diff_hi": hi,
-                    "n_a": int(ra["n"]),
-                    "n_b": int(rb["n"]),
+                    "n_a": int(ra[n]),
+                    "n_b": int(rb[n]),
                     "method": MOVER_CLUSTER if clustered else NEWCOMBE,
                 }
             )

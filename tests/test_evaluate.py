@@ -571,7 +571,8 @@ def test_discrimination_ranks_each_error_against_its_gold_step():
     ]
     s = summarize(rows).set_index(["condition", "error_type"])
     syn = s.loc[("synthetic", ALL_TYPES)]
-    assert syn["n"] == 5 and syn["discrimination_rate"] == pytest.approx(2.5 / 4)
+    assert syn["n"] == 5 and syn["n_paired"] == 4
+    assert syn["discrimination_rate"] == pytest.approx(2.5 / 4)
     assert syn["discrimination_rate_lo"] < 2.5 / 4 < syn["discrimination_rate_hi"]
     assert math.isnan(s.loc[("clean", ALL_TYPES)]["discrimination_rate"])
     # Rows from before the scores (or eval.surprise off): undefined, not 0.
@@ -579,28 +580,39 @@ def test_discrimination_ranks_each_error_against_its_gold_step():
     assert math.isnan(plain["discrimination_rate"])
 
 
-def test_every_error_row_is_paired_with_the_closest_correct_step_of_its_state(case):
+def test_every_error_row_is_paired_with_the_right_value_for_its_target(case):
     """``paired_step`` (what ``discrimination_rate`` ranks the wrong step against) follows one
-    rule for every origin: ``pick_gold`` at the wrong step's state. Synthetic rows keep the
-    golden next step as ``gold_step``; on sudoku the two differ when the error is written in
-    another cell than the golden step's."""
+    rule for every origin: the correct step of the wrong step's state that writes the same
+    target (sudoku cell, multiplication left-hand side), or none. Synthetic rows keep the
+    golden next step as ``gold_step``; on sudoku an error written in another cell than the
+    golden step's is paired with that cell's right digit, or with nothing when no correct step
+    fills that cell yet."""
     from selfcorrect.harvest import pick_gold
+    from selfcorrect.tasks import step_target
 
     task, problem = case["task"], case["problem"]
     answer = task.answer_line(problem)
     prompt_rows = [{"problem_id": f"p{i}", "prompt": case["prompt"]} for i in range(40)]
     items = synthetic_items(task, prompt_rows, seed=0)
-    differ = 0
+    other_cell = unpaired = 0
     for it in items:
         it = dict(it, task=task.name, model="m", temperature=0.0, seed=1)
         (row,) = score_items(task, [it], [lines(R, it["gold_step"], answer)])
         state = state_after(task, problem, it["prefix_steps"])
-        assert row["paired_step"] == pick_gold(task, state, row["wrong_step"])
-        assert task.check_step(state, row["paired_step"])
-        assert not task.check_step(state, row["wrong_step"])
-        differ += row["paired_step"] != row["gold_step"]
-    assert differ > 0 if task.name == "sudoku" else differ == 0
+        wrong, pair = row["wrong_step"], row["paired_step"]
+        assert not task.check_step(state, wrong)
+        if pair is None:
+            unpaired += 1
+            assert all(step_target(c) != step_target(wrong) for c in task.correct_steps(state))
+            continue
+        assert pair == pick_gold(task, state, wrong) and task.check_step(state, pair)
+        assert step_target(pair) == step_target(wrong) and pair != wrong
+        other_cell += pair != row["gold_step"]
+    if task.name == "sudoku":
+        assert other_cell > 0 and unpaired > 0
+    else:
+        assert other_cell == unpaired == 0
     free = dict(clean_items(prompt_rows[:1])[0], task=task.name, model="m", temperature=0.0)
     text = lines(*case["prefix"], case["wrong"], R, case["fix"], *case["rest"], answer)
     own = [r for r in score_items(task, [free], [text]) if r["condition"] == "own_errors"]
-    assert own and all(r["paired_step"] == r["gold_step"] for r in own)
+    assert own and all(r["paired_step"] in (r["gold_step"], None) for r in own)

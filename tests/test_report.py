@@ -843,7 +843,7 @@ def test_ranking_table_and_headline_read_the_discrimination_rate(tmp_path):
                 f"(n {len(part)})"
             )
         gap = run.summary
-        gap = gap_table(gap[gap.temperature == min(TEMPS)], "discrimination_rate")
+        gap = gap_table(gap[gap.temperature == min(TEMPS)], "discrimination_rate", n="n_paired")
         x = gap[
             (gap.task == task) & (gap.model == "eift") & (gap.comparison == "synthetic-own_errors")
         ].iloc[0]

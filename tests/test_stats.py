@@ -189,6 +189,7 @@ def test_gap_table_of_another_rate_uses_its_intervals_and_skips_undefined_sides(
             "temperature": 0.0,
             "error_type": "all",
             "n": 100,
+            "n_paired": n,
             "recognition_rate": 0.1,
             "recognition_rate_lo": 0.05,
             "recognition_rate_hi": 0.2,
@@ -202,15 +203,21 @@ def test_gap_table_of_another_rate_uses_its_intervals_and_skips_undefined_sides(
         [
             row("synthetic", 0.9, 100, 90),
             row("own_errors", 0.55, 100, 55),
+            row("matched_synthetic", 0.9, 0, 0),  # n_paired 0: left out
             row("ft_errors", math.nan, 0, 0),  # no scored pair: undefined, left out
         ]
     )
-    g = gap_table(s, "discrimination_rate")
+    g = gap_table(s, "discrimination_rate", n="n_paired")
     assert list(g["comparison"]) == ["synthetic-own_errors"]
     r = g.iloc[0]
+    assert (r["n_a"], r["n_b"]) == (100, 100)
     assert (r["diff"], r["diff_lo"], r["diff_hi"]) == pytest.approx(
         newcombe_diff_interval(90, 100, 55, 100)
     )
     # The default is still recognition, and the undefined side does not drop its comparison.
-    assert set(gap_table(s)["comparison"]) == {"synthetic-own_errors", "synthetic-ft_errors"}
+    assert set(gap_table(s)["comparison"]) == {
+        "synthetic-own_errors",
+        "synthetic-ft_errors",
+        "synthetic-matched_synthetic",
+    }
     assert gap_table(s)["diff"].eq(0.0).all()

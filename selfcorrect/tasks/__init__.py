@@ -28,6 +28,7 @@ from selfcorrect.tasks.base import (
     sample_errors,
     signal_line,
     split_lines,
+    step_target,
     trace_end,
     walk_trace,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "sample_error",
     "sample_errors",
     "split_lines",
+    "step_target",
     "trace_end",
     "walk_trace",
 ]

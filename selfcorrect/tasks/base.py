@@ -200,6 +200,12 @@ def is_recognition(line: str) -> bool:
     return line.strip() in (RECOGNITION_LINE, INSEC_CLOSE)
 
 
+def step_target(step: str) -> str:
+    """What a step writes to: the text before its ``=`` (a sudoku cell, a multiplication
+    partial product or sum). Two steps with one target differ only in the value written."""
+    return step.split("=", 1)[0].strip()
+
+
 def signal_line(method: str) -> str:
     """The line a model trained by ``method`` writes to flag an error: InSeC's closing
     marker, every other method's recognition line (FT and GRPO are never taught one)."""
