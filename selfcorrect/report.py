@@ -841,11 +841,13 @@ def _ranking_sentence(run: Run, task: str, model: str) -> str:
     own = _row(s, task=task, model=model, condition="own_errors")
     if x is None or syn is None or own is None:
         return ""
+    ft = _row(g, task=task, model="ft", comparison=comparison_name("synthetic", "own_errors"))
+    control = "" if ft is None else f"; FT, never taught it: {ft['diff']:.2f}"
     return (
         f" Without the greedy threshold, it is likelier to flag the error than the correct "
         f"step after {_pct(syn['discrimination_rate'])} of synthetic errors and "
         f"{_pct(own['discrimination_rate'])} of its own (gap {x['diff']:.2f}, "
-        f"{x['diff_lo']:.2f} to {x['diff_hi']:.2f}; 50% is chance)."
+        f"{x['diff_lo']:.2f} to {x['diff_hi']:.2f}; 50% is chance{control})."
     )
 
 
@@ -1270,9 +1272,11 @@ SECTIONS = (
         "the share of errors ranked above their correct step (a paired AUC, 0.5 = chance, "
         "as FT and GRPO, never taught a signal, should score; "
         "`discrimination_rate` in eval_summary.parquet), with 95% intervals as for "
-        "recognition. A model can tell errors from correct steps below the threshold, or "
-        "flag where a step is written rather than whether it is right; the gap synthetic − "
-        "own then asks the experiment's question without the threshold.",
+        "recognition. A model can tell errors from correct steps below the threshold; the "
+        "gap synthetic − own then asks the experiment's question without it. Read each "
+        "method's gap against FT's and GRPO's: a surprising step makes any unusual next line "
+        "a little likelier, and own errors are not surprising, so a model never taught the "
+        "signal has a gap of its own.",
         lambda r: None,
         ranking_table,
         "no `signal_logp` in the eval rows (`eval.surprise: false`, or a run from before it "

@@ -848,7 +848,10 @@ def test_ranking_table_and_headline_read_the_discrimination_rate(tmp_path):
             (gap.task == task) & (gap.model == "eift") & (gap.comparison == "synthetic-own_errors")
         ].iloc[0]
         assert row["synthetic − own"] == f"{x['diff']:.2f} [{x['diff_lo']:.2f}, {x['diff_hi']:.2f}]"
-    assert any("Without the greedy threshold" in line for line in headline(run))
+    assert any(
+        "Without the greedy threshold" in line and "FT, never taught it" in line
+        for line in headline(run)
+    )
     # Runs without the scores (eval.surprise off, older runs): no table, the headline as before.
     run.summary = run.summary.drop(columns=[c for c in run.summary if "discrimination" in c])
     assert ranking_table(run) is None
