@@ -607,9 +607,9 @@ def discrimination(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     if "signal_logp" not in rows or "paired_signal_logp" not in rows:
         return np.zeros(n), np.zeros(n)
     wrong = pd.to_numeric(rows["signal_logp"], errors="coerce").to_numpy(dtype=float)
-    gold = pd.to_numeric(rows["paired_signal_logp"], errors="coerce").to_numpy(dtype=float)
-    paired = ~(np.isnan(wrong) | np.isnan(gold))
-    ranked = np.where(wrong > gold, 1.0, np.where(wrong == gold, 0.5, 0.0))
+    right = pd.to_numeric(rows["paired_signal_logp"], errors="coerce").to_numpy(dtype=float)
+    paired = ~(np.isnan(wrong) | np.isnan(right))
+    ranked = np.where(wrong > right, 1.0, np.where(wrong == right, 0.5, 0.0))
     return ranked * paired, paired.astype(float)
 
 

@@ -527,8 +527,8 @@ def map_step_surprise(
     use_gpu: bool | None = None,
     cpus_per_actor: float = 1.0,
 ) -> Any:
-    """``ds`` (columns ``prefix``, ``step``) -> ``ds`` plus ``surprise`` (``step_surprise``),
-    on a pool of actors like ``map_generate``'s. ``model_path=None``: every row names its
+    """``ds`` (columns ``prefix``, ``step``, optionally ``signal``) -> ``ds`` plus ``surprise``
+    (and ``signal_logp``; ``SurpriseActor``), on a pool of actors like ``map_generate``'s. ``model_path=None``: every row names its
     model in a ``model_path`` column (several models, one pool; rows grouped by model)."""
     import ray
 
