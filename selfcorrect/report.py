@@ -685,9 +685,7 @@ def gaps_table(run: Run) -> pd.DataFrame | None:
 def _ranking_gaps(run: Run) -> pd.DataFrame | None:
     """``gap_table`` on the discrimination rate, at the lowest temperature of each task x model."""
     s = run.summary
-    if s is None or s.empty or "discrimination_rate" not in s.columns:
-        return None
-    if "n_paired" not in s.columns:
+    if s is None or s.empty or not {"discrimination_rate", "n_paired"} <= set(s.columns):
         return None
     g = gap_table(greedy(s), "discrimination_rate", n="n_paired")
     return None if g.empty else g
@@ -832,10 +830,10 @@ def headline(run: Run) -> list[str]:
 def _ranking_sentence(run: Run, task: str, model: str) -> str:
     """The headline's threshold-free half: how often the model ranks its signal higher after
     a synthetic / its own error than after the correct step (empty without the scores)."""
-    s, g = run.summary, _ranking_gaps(run)
-    if s is None or g is None or "discrimination_rate" not in s.columns:
+    g = _ranking_gaps(run)  # None without the scores
+    if g is None:
         return ""
-    s = greedy(s)
+    s = greedy(run.summary)
     x = _row(g, task=task, model=model, comparison=comparison_name("synthetic", "own_errors"))
     syn = _row(s, task=task, model=model, condition="synthetic")
     own = _row(s, task=task, model=model, condition="own_errors")

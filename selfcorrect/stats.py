@@ -250,10 +250,10 @@ def gap_table(
 ) -> pd.DataFrame:
     """Eval summary -> one row per task x model x temperature x comparison (``GAP_COLUMNS``).
 
-    Uses the aggregate rows (``error_type == "all"``) and the intervals of ``rate``
-    (the headline's recognition rate; the report also compares ``discrimination_rate``, whose
-    items are counted by ``n="n_paired"``), so it is a pure function of ``eval_summary.parquet``. A comparison is
-    left out when either condition is absent or has no item. ``method`` says how the
+    Uses the aggregate rows (``error_type == "all"``) and the intervals of ``rate`` (the
+    headline's recognition rate; the report also compares ``discrimination_rate``, whose items
+    are counted by ``n="n_paired"``), so it is a pure function of ``eval_summary.parquet``. A
+    comparison is left out when either condition is absent or has no item. ``method`` says how the
     interval was built: ``newcombe`` (both Wilson) or ``newcombe_mover_cluster_bootstrap``
     (a side's interval is the cluster bootstrap; summaries without an
     ``interval_method`` column are taken as Wilson, which is what they computed).
