@@ -15,7 +15,10 @@ times. At every checkpoint it decodes greedily and reports the premise numbers o
   the digit is wrong; ``same_target``);
 * false alarms on clean problems: the share of free generations with a recognition line
   right after a correct step;
-* clean accuracy: final-answer accuracy of the free generations.
+* clean accuracy: final-answer accuracy of the free generations;
+* recognition without the greedy threshold on the same synthetic items: eval's
+  ``discrimination_rate`` against the paired correct step, and the share of errors a
+  threshold set at 5% of those correct steps would flag (``ranking``).
 
 It never looks at FT or own errors: those are the experiment's answer, not its calibration.
 """
@@ -40,13 +43,16 @@ from selfcorrect.config import load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.evaluate import (  # noqa: E402
     is_last_step,
+    paired_step,
+    render_prefix,
     score_after_error,
     score_free_generation,
     state_after,
     synthetic_items,
 )
-from selfcorrect.generation import generate  # noqa: E402
-from selfcorrect.tasks import get_task  # noqa: E402
+from selfcorrect.generation import generate, step_scores  # noqa: E402
+from selfcorrect.harvest import pick_gold  # noqa: E402
+from selfcorrect.tasks import get_task, signal_line  # noqa: E402
 from selfcorrect.training import (  # noqa: E402
     MODEL_DIR,
     TORCH_STATE,
@@ -55,18 +61,48 @@ from selfcorrect.training import (  # noqa: E402
 )
 
 
-def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int) -> dict:
-    """Greedy synthetic recognition, clean false alarms and clean accuracy on ``n`` problems."""
+def ranking(model, tok, signal: str, pairs: list[tuple[str, str, str]]) -> dict:
+    """Recognition without the greedy threshold, on (prefix, wrong step, paired correct step)
+    triples: eval's ``discrimination_rate`` (the share of errors after which the signal is
+    likelier than after the right value at the same state; 0.5 on a tie), and the share of
+    errors that a threshold on that likelihood would flag if it were set to flag 5% of the
+    paired correct steps (what greedy recognition could reach at the premise's false-alarm
+    bar, had training put the threshold there)."""
+    if not pairs:
+        return {"discrimination_rate": float("nan"), "flagged_at_5pct": float("nan"), "n": 0}
+    prefixes = [p for p, _, _ in pairs] * 2
+    steps = [w for _, w, _ in pairs] + [r for _, _, r in pairs]
+    _, logp = step_scores(model, tok, prefixes, steps, signals=[signal] * len(steps))
+    wrong = torch.tensor(logp[: len(pairs)])
+    right = torch.tensor(logp[len(pairs) :])
+    ranked = (wrong > right).float() + 0.5 * (wrong == right).float()
+    threshold = torch.quantile(right, 0.95)
+    return {
+        "discrimination_rate": float(ranked.mean()),
+        "flagged_at_5pct": float((wrong > threshold).float().mean()),
+        "n": len(pairs),
+    }
+
+
+def premise(
+    model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int, signal: str
+) -> dict:
+    """Greedy synthetic recognition, clean false alarms and clean accuracy on ``n`` problems,
+    and the ranking of the same synthetic errors against the right value (``ranking``)."""
     model.eval()
     items = synthetic_items(task, test_rows, seed, n)
     texts = generate(model, tok, [it["prefix"] for it in items], max_new_tokens=48)
     rec = {True: [], False: []}  # by whether the error replaces the trace's last step
     by_type: dict[str, list[bool]] = {}
     same_target: dict[bool, list[bool]] = {True: [], False: []}
+    pairs: list[tuple[str, str, str]] = []
     for it, text in zip(items, texts, strict=True):
         problem = task.parse_prompt(it["prompt"])
         state = state_after(task, problem, it["prefix_steps"])
         scored = score_after_error(task, problem, state, it["wrong_step"], text)
+        right = paired_step(it["wrong_step"], pick_gold(task, state, it["wrong_step"]))
+        if right is not None:
+            pairs.append((render_prefix(it["prompt"], it["prefix_steps"]), it["wrong_step"], right))
         rec[bool(is_last_step(task, state))].append(scored["recognized"])
         by_type.setdefault(it["error_type"], []).append(scored["recognized"])
         # Does the error write where the correct step would (sudoku: the golden step's cell)?
@@ -79,8 +115,12 @@ def premise(model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int)
         score_free_generation(task, task.parse_prompt(p), t)
         for p, t in zip(prompts, free, strict=True)
     ]
+    ranks = ranking(model, tok, signal, pairs)
     model.train()
     return {
+        "discrimination_rate": ranks["discrimination_rate"],
+        "flagged_at_5pct": ranks["flagged_at_5pct"],
+        "discrimination_n": ranks["n"],
         "synthetic_recognition": sum(map(sum, rec.values())) / len(items),
         "synthetic_recognition_earlier": sum(rec[False]) / max(1, len(rec[False])),
         "synthetic_recognition_last_step": sum(rec[True]) / max(1, len(rec[True])),
@@ -163,13 +203,17 @@ def main() -> None:
             torch.load(d / TORCH_STATE, weights_only=True, map_location="cpu")["model"]
         )
         point = {"step": state["step"], **state["history"][-1]}
-        point.update(premise(model, tok, task, test_rows, cfg.seed, args.n, 128))
+        point.update(
+            premise(model, tok, task, test_rows, cfg.seed, args.n, 128, signal_line(args.method))
+        )
         curve.append(point)
         keys = (
             "synthetic_recognition",
             "synthetic_recognition_earlier",
             "synthetic_recognition_last_step",
             "synthetic_recognition_same_target",
+            "discrimination_rate",
+            "flagged_at_5pct",
             "clean_false_alarm",
             "clean_accuracy",
         )

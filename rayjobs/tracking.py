@@ -361,6 +361,8 @@ def _log_stage_content(
             t = ctx.cfg.train
             params["train.max_steps"] = str(t.base_steps_by_task.get(task, t.base_steps))
             params["train.lr"] = str(t.base_lr or t.lr)
+        elif model != "grpo":  # the methods train the task's own budget
+            params["train.max_steps"] = str(ctx.cfg.train.method_steps(task))
         tr.log_params(run_id, params)
         rows += _curves(ctx.path(task, "models", model, "metrics.parquet"))
     elif len(parts) == 3 and parts[1] == "eval":

@@ -50,6 +50,7 @@ _NOT_IN_HASH = (
     "checkpoint_every",
     "base_steps",
     "base_steps_by_task",
+    "max_steps_by_task",  # resolved into max_steps (task_jobs)
 )
 
 
@@ -411,6 +412,7 @@ def base_job(ctx: JobContext, name: str) -> ModelJob | None:
         train=dataclasses.replace(
             t,
             max_steps=steps,
+            max_steps_by_task={},
             base_steps=0,
             base_steps_by_task={},
             lr=t.base_lr or t.lr,
@@ -423,8 +425,14 @@ def base_job(ctx: JobContext, name: str) -> ModelJob | None:
 
 def task_jobs(ctx: JobContext, name: str) -> list[tuple[str, ModelJob]]:
     """(manifest key, job) of every model this config trains for task ``name``, in order:
-    the base (if any), then ``train.methods``, each from the base."""
+    the base (if any), then ``train.methods``, each from the base for the task's
+    ``train.method_steps``."""
     cfg = ctx.cfg
+    steps = cfg.train.method_steps(name)
+    if steps != cfg.train.max_steps:
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, max_steps=steps, max_steps_by_task={})
+        )
     base = base_job(ctx, name)
     jobs = [(f"{name}/base", base)] if base else []
     pol = onpolicy_path(ctx.output_dir, name)

@@ -117,6 +117,11 @@ class ModelConfig:
 class TrainConfig:
     methods: list[str] = _f(["ft", "eift", "hybrid", "insec"], "supervised methods to train")
     max_steps: int = _f(2000, "optimizer steps per method")
+    max_steps_by_task: dict[str, int] = _f(
+        {},
+        "per-task max_steps, e.g. {sudoku: 1000}: every method of that task (FT too, so the "
+        "methods keep one budget) trains that many steps (tasks not named use max_steps)",
+    )
     base_steps: int = _f(
         0,
         "clean-trace steps of a shared base model per task that every method then fine-tunes "
@@ -194,6 +199,10 @@ class TrainConfig:
     )
     probe_items: int = _f(48, "items per condition (synthetic, FT errors) in each probe")
 
+    def method_steps(self, task: str) -> int:
+        """The step budget of every method on ``task``: a task's recognition may need more."""
+        return self.max_steps_by_task.get(task, self.max_steps)
+
     def validate(self) -> None:
         for m in self.methods:
             _check(
@@ -224,6 +233,12 @@ class TrainConfig:
                 k in ("multiplication", "sudoku") and v >= 0,
                 "train.base_steps_by_task",
                 f"{k}: {v}: name a task (multiplication, sudoku) and steps >= 0",
+            )
+        for k, v in self.max_steps_by_task.items():
+            _check(
+                k in ("multiplication", "sudoku") and v >= 1,
+                "train.max_steps_by_task",
+                f"{k}: {v}: name a task (multiplication, sudoku) and steps >= 1",
             )
         _check(self.base_lr >= 0, "train.base_lr", "must be >= 0 (0 = train.lr)")
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")

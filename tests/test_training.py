@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfcorrect.config import load_config
+from selfcorrect.config import ConfigError, load_config
 from selfcorrect.data import make_splits
 from selfcorrect.loss import LossWeights, collate, encode_example, weighted_lm_loss
 from selfcorrect.models import build_model
@@ -326,6 +326,36 @@ def test_a_task_model_hash_follows_only_its_own_base_budget():
     assert h("sudoku") != h("sudoku", other_task)
     assert h("sudoku", "train.base_steps_by_task={sudoku: 100}") == h("sudoku")
     assert h("multiplication", "train.base_lr=0.01") != h("multiplication")
+
+
+def test_a_tasks_own_method_budget_reaches_every_method_of_that_task_only(tmp_path):
+    """``train.max_steps_by_task``: the named task's methods (FT too) train that many steps,
+    with the LR schedule over them (the job's ``train.max_steps``); the other task's jobs and
+    hashes are those of a config without the key; the base keeps its own budget."""
+    from rayjobs.common import JobContext
+    from rayjobs.train import task_jobs
+    from selfcorrect.config import load_config
+
+    def jobs(*ov: str) -> dict[str, tuple[int, str]]:
+        cfg = load_config(None, ["train.max_steps=20", "train.base_steps=30", *ov])
+        out = {}
+        for task in ("multiplication", "sudoku"):
+            for key, job in task_jobs(JobContext(cfg, str(tmp_path)), task):
+                out[key] = (job.cfg.train.max_steps, job.model_hash)
+        return out
+
+    plain, more = jobs(), jobs("train.max_steps_by_task={sudoku: 50}")
+    for key, (steps, digest) in more.items():
+        if key.endswith("/base"):
+            assert (steps, digest) == plain[key] == (30, plain[key][1])
+        elif key.startswith("sudoku/"):
+            assert steps == 50 and digest != plain[key][1], key
+        else:
+            assert (steps, digest) == plain[key] == (20, plain[key][1]), key
+    assert {k for k in more if k.startswith("sudoku/")} >= {"sudoku/ft", "sudoku/eift"}
+    assert jobs("train.max_steps_by_task={sudoku: 20}") == plain
+    with pytest.raises(ConfigError, match="max_steps_by_task"):
+        load_config(None, ["train.max_steps_by_task={chess: 10}"])
 
 
 # --------------------------------------------------------------------------- chains
