@@ -334,7 +334,6 @@ def test_a_tasks_own_method_budget_reaches_every_method_of_that_task_only(tmp_pa
     hashes are those of a config without the key; the base keeps its own budget."""
     from rayjobs.common import JobContext
     from rayjobs.train import task_jobs
-    from selfcorrect.config import load_config
 
     def jobs(*ov: str) -> dict[str, tuple[int, str]]:
         cfg = load_config(None, ["train.max_steps=20", "train.base_steps=30", *ov])
