@@ -37,11 +37,13 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from selfcorrect.config import load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.evaluate import (  # noqa: E402
+    discrimination,
     is_last_step,
     paired_step,
     render_prefix,
@@ -52,7 +54,7 @@ from selfcorrect.evaluate import (  # noqa: E402
 )
 from selfcorrect.generation import generate, step_scores  # noqa: E402
 from selfcorrect.harvest import pick_gold  # noqa: E402
-from selfcorrect.tasks import get_task, signal_line  # noqa: E402
+from selfcorrect.tasks import get_task, signal_line, step_target  # noqa: E402
 from selfcorrect.training import (  # noqa: E402
     MODEL_DIR,
     TORCH_STATE,
@@ -73,13 +75,12 @@ def ranking(model, tok, signal: str, pairs: list[tuple[str, str, str]]) -> dict:
     prefixes = [p for p, _, _ in pairs] * 2
     steps = [w for _, w, _ in pairs] + [r for _, _, r in pairs]
     _, logp = step_scores(model, tok, prefixes, steps, signals=[signal] * len(steps))
-    wrong = torch.tensor(logp[: len(pairs)])
-    right = torch.tensor(logp[len(pairs) :])
-    ranked = (wrong > right).float() + 0.5 * (wrong == right).float()
-    threshold = torch.quantile(right, 0.95)
+    wrong, right = logp[: len(pairs)], logp[len(pairs) :]
+    ranked, _ = discrimination(pd.DataFrame({"signal_logp": wrong, "paired_signal_logp": right}))
+    threshold = torch.quantile(torch.tensor(right), 0.95)
     return {
         "discrimination_rate": float(ranked.mean()),
-        "flagged_at_5pct": float((wrong > threshold).float().mean()),
+        "flagged_at_5pct": float((torch.tensor(wrong) > threshold).float().mean()),
         "n": len(pairs),
     }
 
@@ -107,7 +108,7 @@ def premise(
         by_type.setdefault(it["error_type"], []).append(scored["recognized"])
         # Does the error write where the correct step would (sudoku: the golden step's cell)?
         # Then only its value can tell it apart.
-        same = it["wrong_step"].split("=")[0] == it["gold_step"].split("=")[0]
+        same = step_target(it["wrong_step"]) == step_target(it["gold_step"])
         same_target[same].append(scored["recognized"])
     prompts = [r["prompt"] for r in test_rows[:n]]
     free = generate(model, tok, [p + "\n" for p in prompts], max_new_tokens=max_new_tokens)

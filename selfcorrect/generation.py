@@ -528,8 +528,9 @@ def map_step_surprise(
     cpus_per_actor: float = 1.0,
 ) -> Any:
     """``ds`` (columns ``prefix``, ``step``, optionally ``signal``) -> ``ds`` plus ``surprise``
-    (and ``signal_logp``; ``SurpriseActor``), on a pool of actors like ``map_generate``'s. ``model_path=None``: every row names its
-    model in a ``model_path`` column (several models, one pool; rows grouped by model)."""
+    (and ``signal_logp``; ``SurpriseActor``), on a pool of actors like ``map_generate``'s.
+    ``model_path=None``: every row names its model in a ``model_path`` column (several models,
+    one pool; rows grouped by model)."""
     import ray
 
     if use_gpu is None:
