@@ -1,7 +1,7 @@
 """Calibrate the experiment's premise: does a method learn to recognise *synthetic* errors?
 
 python benchmarks/premise_probe.py --task multiplication --method eift --steps 600 \
-    [--from-scratch] [key=value overrides]
+    [--from-scratch] [--method-set train.weight_decay=1.0 ...] [key=value overrides]
 
 Trains the shared clean base (``train.base_steps`` at ``train.base_lr``, cached under
 ``--cache``) unless ``--from-scratch``, then the method for ``--steps`` steps with
@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from selfcorrect.config import load_config  # noqa: E402
+from rayjobs.train import train_hash  # noqa: E402
+from selfcorrect.config import Config, load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.evaluate import (  # noqa: E402
     discrimination,
@@ -61,6 +62,10 @@ from selfcorrect.training import (  # noqa: E402
     build_training_model,
     train_local,
 )
+
+# What --method-set may change: the fine-tune's training and its task's error injection,
+# not what the base shares with it (seed, data, model).
+METHOD_SECTIONS = ("train.", "multiplication.", "sudoku.")
 
 
 def ranking(model, tok, signal: str, pairs: list[tuple[str, str, str]]) -> dict:
@@ -141,19 +146,28 @@ def premise(
     }
 
 
-def cached_base(cfg, task_name: str, prompts: list[str], cache: str) -> str:
-    """The preset's clean base for ``task_name`` (``train.base_steps`` at ``train.base_lr``),
-    trained once and kept under ``cache``, keyed by everything that decides it."""
+def base_config(cfg, task_name: str) -> tuple[Config, str]:
+    """The config that trains ``task_name``'s clean base (``train.base_steps`` at
+    ``train.base_lr``) and its cache name, keyed by everything that decides it (the pipeline's
+    ``train_hash`` of that config): an override that changes the base gets its own."""
     t = cfg.train
     steps = t.base_steps_by_task.get(task_name, t.base_steps)
-    base = os.path.join(
-        cache, f"base-{task_name}-{cfg.model.preset}-{steps}-{t.base_lr}-seed{cfg.seed}"
+    bcfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            t, lr=t.base_lr or t.lr, checkpoint_every=0, max_steps=steps, max_steps_by_task={}
+        ),
     )
+    digest = train_hash(bcfg, task_name, "base")
+    return bcfg, f"base-{task_name}-{cfg.model.preset}-{steps}-seed{cfg.seed}-{digest}"
+
+
+def cached_base(cfg, task_name: str, prompts: list[str], cache: str) -> str:
+    """The preset's clean base for ``task_name``, trained once and kept under ``cache``."""
+    bcfg, name = base_config(cfg, task_name)
+    base = os.path.join(cache, name)
     if not os.path.isdir(base):
-        bcfg = dataclasses.replace(
-            cfg,
-            train=dataclasses.replace(t, lr=t.base_lr or t.lr, checkpoint_every=0, max_steps=steps),
-        )
+        steps = bcfg.train.max_steps
         _, session = train_local(bcfg, task_name, "ft", prompts, max_steps=steps)
         tmp = base + ".tmp"
         shutil.copytree(os.path.join(session.latest, MODEL_DIR), tmp)
@@ -173,9 +187,24 @@ def main() -> None:
     ap.add_argument("--from-scratch", action="store_true", help="no base: random init")
     ap.add_argument("--cache", default=os.path.join(os.getcwd(), ".probe-cache"))
     ap.add_argument("--out", default=None, help="append a JSON line with the results here")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument(
+        "--method-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for the method's fine-tune only, not the base (e.g. "
+        "train.weight_decay=1.0): a lever on the method from the same base",
+    )
+    ap.add_argument("overrides", nargs="*", help="overrides for the base and the method")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
+    for kv in args.method_set:
+        if not kv.startswith(METHOD_SECTIONS):
+            ap.error(
+                f"--method-set {kv}: only the method's own settings ({', '.join(METHOD_SECTIONS)})"
+                " can differ from the base's; put it with the overrides to change both"
+            )
+    method_cfg = load_config(args.config, [*args.overrides, *args.method_set])
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
     task = get_task(args.task, **cfg.task_options(args.task))
     splits = make_splits(task, cfg.data.n_train, cfg.data.n_test, cfg.seed)
@@ -187,8 +216,9 @@ def main() -> None:
 
     every = max(1, args.steps // args.points)
     # The LR schedule spans train.max_steps: set it, not just the loop's step count.
+    mt = method_cfg.train
     mcfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(t, checkpoint_every=every, max_steps=args.steps)
+        method_cfg, train=dataclasses.replace(mt, checkpoint_every=every, max_steps=args.steps)
     )
     t0 = time.time()
     last, session = train_local(
@@ -226,6 +256,7 @@ def main() -> None:
         "method": args.method,
         "from_scratch": args.from_scratch,
         "overrides": args.overrides,
+        "method_overrides": args.method_set,
         "steps": args.steps,
         "train_minutes": train_s / 60,
         "seconds_per_step": train_s / args.steps,

@@ -89,8 +89,12 @@ def test_premise_probe_writes_its_curve(tmp_path: Path) -> None:
     numbers at every checkpoint, every synthetic item counted in exactly one split."""
     import json
 
+    from benchmarks.premise_probe import base_config
+    from selfcorrect.config import load_config
+
     out = tmp_path / "probe.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    overrides = ["train.base_steps=4", "train.error_placement=step", "train.last_step_rate=0.5"]
     cmd = [
         sys.executable,
         "benchmarks/premise_probe.py",
@@ -108,12 +112,13 @@ def test_premise_probe_writes_its_curve(tmp_path: Path) -> None:
         str(tmp_path / "cache"),
         "--out",
         str(out),
-        "train.base_steps=4",
-        "train.error_placement=step",
-        "train.last_step_rate=0.5",
+        "--method-set",
+        "train.weight_decay=0.5",
+        *overrides,
     ]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600, capture_output=True)
     (res,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res["method_overrides"] == ["train.weight_decay=0.5"]
     assert [p["step"] for p in res["curve"]] == [2, 4]
     for p in res["curve"]:
         n = p["synthetic_n"]
@@ -121,7 +126,31 @@ def test_premise_probe_writes_its_curve(tmp_path: Path) -> None:
         assert 0 <= n["last_step"] <= 8 and 0 <= n["same_target"] <= 8
         assert 0 <= p["synthetic_recognition"] <= 1 and 0 <= p["clean_accuracy"] <= 1
         assert set(p["synthetic_recognition_by_type"]) <= {"invalid", "non_naked_single"}
-    assert any((tmp_path / "cache").iterdir())  # the base is cached for the next probe
+    # The base is cached for the next probe, under the name of the base's own config.
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [
+        base_config(load_config("configs/smoke.yaml", overrides), "sudoku")[1]
+    ]
+
+
+def test_premise_probe_keys_the_base_by_what_decides_it() -> None:
+    """A method-only lever (its steps, its lr) reuses the cached base; a setting the base
+    trains with (weight decay, seed, model) gets a base of its own; --method-set refuses keys the
+    base shares with the method."""
+    from benchmarks.premise_probe import base_config
+    from selfcorrect.config import load_config
+
+    def name(*overrides: str) -> str:
+        return base_config(load_config("configs/tiny.yaml", list(overrides)), "sudoku")[1]
+
+    base = name()
+    assert name("train.max_steps=1250", "train.lr=3e-3") == base
+    assert name("train.max_steps_by_task={sudoku: 2000}") == base
+    for other in ("train.weight_decay=1.0", "seed=1", "model.preset=small", "train.base_lr=2e-3"):
+        assert name(other) != base, other
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "benchmarks/premise_probe.py", "--method-set", "model.preset=small"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 2 and "only the method's own settings" in proc.stderr
 
 
 def test_error_probe_statistics_on_known_inputs() -> None:
