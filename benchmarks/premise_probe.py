@@ -20,6 +20,10 @@ times. At every checkpoint it decodes greedily and reports the premise numbers o
   ``discrimination_rate`` against the paired correct step, and the share of errors a
   threshold set at 5% of those correct steps would flag (``ranking``).
 
+Overrides (``key=value``) apply to the base, the method and the items, as in the pipeline;
+``--method-set`` applies to the method's fine-tune only (its lr, weight decay, injector mix),
+so a lever is compared from the same base on the same items.
+
 It never looks at FT or own errors: those are the experiment's answer, not its calibration.
 """
 
@@ -91,12 +95,21 @@ def ranking(model, tok, signal: str, pairs: list[tuple[str, str, str]]) -> dict:
 
 
 def premise(
-    model, tok, task, test_rows, seed: int, n: int, max_new_tokens: int, signal: str
+    model,
+    tok,
+    task,
+    test_rows,
+    seed: int,
+    n: int,
+    max_new_tokens: int,
+    signal: str,
+    weights: dict[str, float] | None = None,
 ) -> dict:
     """Greedy synthetic recognition, clean false alarms and clean accuracy on ``n`` problems,
-    and the ranking of the same synthetic errors against the right value (``ranking``)."""
+    and the ranking of the same synthetic errors against the right value (``ranking``).
+    The synthetic items are eval's, drawn with the task's ``error_weights`` (``weights``)."""
     model.eval()
-    items = synthetic_items(task, test_rows, seed, n)
+    items = synthetic_items(task, test_rows, seed, n, weights)
     texts = generate(model, tok, [it["prefix"] for it in items], max_new_tokens=48)
     rec = {True: [], False: []}  # by whether the error replaces the trace's last step
     by_type: dict[str, list[bool]] = {}
@@ -235,7 +248,17 @@ def main() -> None:
         )
         point = {"step": state["step"], **state["history"][-1]}
         point.update(
-            premise(model, tok, task, test_rows, cfg.seed, args.n, 128, signal_line(args.method))
+            premise(
+                model,
+                tok,
+                task,
+                test_rows,
+                cfg.seed,
+                args.n,
+                128,
+                signal_line(args.method),
+                cfg.error_weights(args.task),  # eval's items: --method-set leaves them alone
+            )
         )
         curve.append(point)
         keys = (
