@@ -159,7 +159,7 @@ def premise(
     }
 
 
-def base_config(cfg, task_name: str) -> tuple[Config, str]:
+def base_config(cfg: Config, task_name: str) -> tuple[Config, str]:
     """The config that trains ``task_name``'s clean base (``train.base_steps`` at
     ``train.base_lr``) and its cache name, keyed by everything that decides it (the pipeline's
     ``train_hash`` of that config): an override that changes the base gets its own."""
@@ -175,7 +175,7 @@ def base_config(cfg, task_name: str) -> tuple[Config, str]:
     return bcfg, f"base-{task_name}-{cfg.model.preset}-{steps}-seed{cfg.seed}-{digest}"
 
 
-def cached_base(cfg, task_name: str, prompts: list[str], cache: str) -> str:
+def cached_base(cfg: Config, task_name: str, prompts: list[str], cache: str) -> str:
     """The preset's clean base for ``task_name``, trained once and kept under ``cache``."""
     bcfg, name = base_config(cfg, task_name)
     base = os.path.join(cache, name)
