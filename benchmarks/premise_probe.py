@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from rayjobs.train import base_config as pipeline_base_config  # noqa: E402
 from rayjobs.train import train_hash  # noqa: E402
 from selfcorrect.config import Config, load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
@@ -160,18 +161,13 @@ def premise(
 
 
 def base_config(cfg: Config, task_name: str) -> tuple[Config, str]:
-    """The config that trains ``task_name``'s clean base (``train.base_steps`` at
-    ``train.base_lr``) and its cache name, keyed by everything that decides it (the pipeline's
-    ``train_hash`` of that config): an override that changes the base gets its own."""
-    t = cfg.train
-    steps = t.base_steps_by_task.get(task_name, t.base_steps)
-    bcfg = dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(
-            t, lr=t.base_lr or t.lr, checkpoint_every=0, max_steps=steps, max_steps_by_task={}
-        ),
-    )
+    """The pipeline's config for ``task_name``'s clean base (``rayjobs.train.base_config``)
+    and its cache name, keyed by the pipeline's ``train_hash`` of that config: an override
+    that changes the base gets its own."""
+    bcfg = pipeline_base_config(cfg, task_name)
+    bcfg = dataclasses.replace(bcfg, train=dataclasses.replace(bcfg.train, checkpoint_every=0))
     digest = train_hash(bcfg, task_name, "base")
+    steps = bcfg.train.max_steps
     return bcfg, f"base-{task_name}-{cfg.model.preset}-{steps}-seed{cfg.seed}-{digest}"
 
 

@@ -395,23 +395,15 @@ def _file_digest(path: str) -> str | None:
     return hashlib.sha256(io.read_bytes(path)).hexdigest()[:16] if io.exists(path) else None
 
 
-def base_job(ctx: JobContext, name: str) -> ModelJob | None:
-    """The shared base model of task ``name`` (clean traces, ``train.base_steps`` steps).
-
-    Every method fine-tunes from it for the same ``train.max_steps``, so methods differ only
-    in their fine-tuning data, as when they all start from one pretrained LM. None when
-    ``train.base_steps`` is 0.
-    """
-    cfg = ctx.cfg
+def base_config(cfg: Config, name: str) -> Config:
+    """The config that trains task ``name``'s base: clean traces for its ``train.base_steps``
+    at ``train.base_lr`` (``max_steps`` 0 when the task has no base)."""
     t = cfg.train
-    steps = t.base_steps_by_task.get(name, t.base_steps)
-    if steps == 0:
-        return None
-    base_cfg = dataclasses.replace(
+    return dataclasses.replace(
         cfg,
         train=dataclasses.replace(
             t,
-            max_steps=steps,
+            max_steps=t.base_steps_by_task.get(name, t.base_steps),
             max_steps_by_task={},
             base_steps=0,
             base_steps_by_task={},
@@ -419,6 +411,18 @@ def base_job(ctx: JobContext, name: str) -> ModelJob | None:
             base_lr=0.0,
         ),
     )
+
+
+def base_job(ctx: JobContext, name: str) -> ModelJob | None:
+    """The shared base model of task ``name`` (clean traces, ``train.base_steps`` steps).
+
+    Every method fine-tunes from it for the same ``train.max_steps``, so methods differ only
+    in their fine-tuning data, as when they all start from one pretrained LM. None when
+    ``train.base_steps`` is 0.
+    """
+    base_cfg = base_config(ctx.cfg, name)
+    if base_cfg.train.max_steps == 0:
+        return None
     out = ctx.path(f"{name}/models/base")
     return ModelJob("ft", out, base_cfg, train_hash(base_cfg, name, "base"), label="base")
 
