@@ -12,7 +12,7 @@ from selfcorrect.tasks import get_task
 
 
 def data_hash(ctx: JobContext, task: str) -> str:
-    return ctx.cfg.section_hash("seed", task, "data")
+    return ctx.cfg.section_hash("seed", task, "data", clean=True)
 
 
 def run(ctx: JobContext) -> None:

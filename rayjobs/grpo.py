@@ -36,7 +36,7 @@ from selfcorrect.grpo import check_batch_shape, grpo_world_size
 
 def grpo_hash(cfg: Config, task: str) -> str:
     """What the GRPO model depends on: data, the FT model's recipe, and the GRPO settings."""
-    return cfg.section_hash("seed", task, "data", "model", "train", "grpo")
+    return cfg.section_hash("seed", task, "data", "model", "train", "grpo", clean=True)
 
 
 def train_grpo(

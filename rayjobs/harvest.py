@@ -167,7 +167,7 @@ def harvest_splits(
 
 def harvest_hash(cfg: Config, task_name: str, model_path: str) -> str:
     h = hashlib.sha256()
-    h.update(cfg.section_hash("seed", task_name, "data", "harvest").encode())
+    h.update(cfg.section_hash("seed", task_name, "data", "harvest", clean=True).encode())
     h.update(model_fingerprint(model_path).encode())
     return h.hexdigest()[:16]
 

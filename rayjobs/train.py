@@ -54,10 +54,15 @@ _NOT_IN_HASH = (
 )
 
 
+# Models that train on clean traces only: no injection setting reaches them.
+CLEAN_METHODS = ("base", "ft")
+
+
 def train_hash(cfg: Config, task: str, method: str, onpolicy_digest: str | None = None) -> str:
     """What a model depends on: seed, data, model, training settings, the method (and for
-    hybrid the harvest settings and the content of the on-policy error table it reads)."""
-    d = cfg.to_dict()
+    hybrid the harvest settings and the content of the on-policy error table it reads).
+    Models trained on clean traces (base, FT) leave the injection settings out."""
+    d = cfg.clean_dict() if method in CLEAN_METHODS else cfg.to_dict()
     parts = {
         "seed": d["seed"],
         task: d[task],

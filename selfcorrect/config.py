@@ -520,6 +520,32 @@ class TrackingConfig:
         )
 
 
+# Settings that decide only the error traces (how errors are drawn, placed and weighted in
+# the loss), never a clean trace. The data, the models trained on clean traces (base, FT),
+# the harvest of FT and GRPO (which starts from FT) do not depend on them, so their stage
+# hashes leave them out (``Config.section_hash(..., clean=True)``): a run resumed with another
+# injection rate or injector mix keeps its bases and FT and retrains only what uses errors.
+INJECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "multiplication": ("error_weights",),
+    "sudoku": ("error_weights", "next_cell_share"),
+    "train": (
+        "injection_rate",
+        "max_errors",
+        "error_placement",
+        "last_step_rate",
+        "onpolicy_fraction",
+        "p_mistake",
+        "mistake_loss",
+        "w_recognition",
+        "w_correction",
+        "w_unlikelihood",
+        "w_decision",
+        "probe_every",
+        "probe_items",
+    ),
+}
+
+
 @dataclass
 class Config:
     name: str = _f("run", "run name (shown in the report)")
@@ -572,9 +598,20 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named config sections: decides whether a stage must be redone."""
+    def clean_dict(self) -> dict[str, Any]:
+        """``to_dict()`` without ``INJECTION_KEYS``: what decides the clean traces alone."""
         d = self.to_dict()
+        for section, keys in INJECTION_KEYS.items():
+            for k in keys:
+                del d[section][k]
+        return d
+
+    def section_hash(self, *sections: str, clean: bool = False) -> str:
+        """Stable hash of the named config sections: decides whether a stage must be redone.
+
+        ``clean``: leave ``INJECTION_KEYS`` out, for stages that never see an error trace.
+        """
+        d = self.clean_dict() if clean else self.to_dict()
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

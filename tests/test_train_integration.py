@@ -77,6 +77,14 @@ def test_ft_and_eift_train_under_zero2_with_two_workers(ray_session, smoke_cfg, 
     mtime = os.path.getmtime(os.path.join(run_dir, "multiplication", "models", "ft"))
     train.run(ctx)
     assert os.path.getmtime(os.path.join(run_dir, "multiplication", "models", "ft")) == mtime
+    # Another injection rate: the models of clean traces (base, FT) stay, EIFT trains again.
+    kept = {m: os.path.getmtime(os.path.join(models, m)) for m in ("base", "ft", "eift")}
+    rate = dataclasses.replace(cfg.train, injection_rate=cfg.train.injection_rate / 2)
+    train.run(JobContext(dataclasses.replace(cfg, train=rate), run_dir))
+    now = {m: os.path.getmtime(os.path.join(models, m)) for m in kept}
+    assert now["base"] == kept["base"] and now["ft"] == kept["ft"]
+    assert now["eift"] != kept["eift"]
+    assert read_manifest(ctx)["stages"][chain[2]]["config_hash"] != stages[chain[2]]["config_hash"]
 
 
 def test_hybrid_without_harvest_fails_clearly(ray_session, smoke_cfg, run_dir):

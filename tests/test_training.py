@@ -328,6 +328,97 @@ def test_a_task_model_hash_follows_only_its_own_base_budget():
     assert h("multiplication", "train.base_lr=0.01") != h("multiplication")
 
 
+# Every injection setting changed at once: what only error traces see.
+_INJECTION_CHANGED = (
+    "train.injection_rate=0.5",
+    "train.max_errors=2",
+    "train.error_placement=step",
+    "train.last_step_rate=0.9",
+    "train.onpolicy_fraction=0.5",
+    "train.p_mistake=0.3",
+    "train.mistake_loss=unlikelihood",
+    "train.w_recognition=2",
+    "train.w_correction=2",
+    "train.w_unlikelihood=2",
+    "train.w_decision=3",
+    "train.probe_every=10",
+    "train.probe_items=8",
+    "multiplication.error_weights={carry: 1}",
+    "sudoku.error_weights={invalid: 1}",
+    "sudoku.next_cell_share=1",
+)
+
+
+def test_injection_settings_stay_out_of_the_stages_that_never_see_an_error(tmp_path):
+    """A run resumed with another injection rate or injector mix keeps its data, bases, FT,
+    harvest and GRPO; the methods with error traces, coverage, eval and the sweep redo."""
+    from rayjobs.common import JobContext
+    from rayjobs.data import data_hash
+    from rayjobs.evaluate import eval_hash
+    from rayjobs.grpo import grpo_hash
+    from rayjobs.harvest import harvest_hash
+    from rayjobs.train import base_config, train_hash
+    from selfcorrect.config import INJECTION_KEYS
+    from selfcorrect.tune import sweep_hash
+
+    def hashes(*ov: str) -> dict[str, str]:
+        cfg = load_config(None, ["train.base_steps=100", *ov])
+        ctx = JobContext(cfg, str(tmp_path))
+        out = {}
+        for t in ("multiplication", "sudoku"):
+            out |= {
+                f"{t}/data": data_hash(ctx, t),
+                f"{t}/base": train_hash(base_config(cfg, t), t, "base"),
+                f"{t}/ft": train_hash(cfg, t, "ft"),
+                f"{t}/harvest": harvest_hash(cfg, t, "no-such-model"),
+                f"{t}/grpo": grpo_hash(cfg, t),
+                f"{t}/eift": train_hash(cfg, t, "eift"),
+                f"{t}/insec": train_hash(cfg, t, "insec"),
+                f"{t}/coverage": cfg.section_hash("seed", t, "coverage"),
+                f"{t}/eval": eval_hash(ctx, t, "eift"),
+                f"{t}/tune": sweep_hash(cfg, t),
+            }
+        return out
+
+    before, after = hashes(), hashes(*_INJECTION_CHANGED)
+    kept = {k for k in before if k.rsplit("/", 1)[1] in ("data", "base", "ft", "harvest", "grpo")}
+    assert {k for k in before if before[k] == after[k]} == kept
+    # every injection key is among the overrides above, so none is left untested
+    changed = {ov.split("=")[0] for ov in _INJECTION_CHANGED}
+    assert changed == {f"{s}.{k}" for s, keys in INJECTION_KEYS.items() for k in keys}
+    # a clean-trace setting still reaches them all
+    moved = hashes("sudoku.max_empty=10")
+    assert all(moved[k] != before[k] for k in before if k.startswith("sudoku/"))
+    assert all(moved[k] == before[k] for k in before if k.startswith("multiplication/"))
+
+
+def test_injection_settings_change_neither_the_data_nor_the_ft_model(mul_prompts, tmp_path):
+    """What the hashes above rely on: FT and the data are the same to the bit."""
+    from selfcorrect.config import load_config as load
+
+    cfg = load(None, ["sudoku.min_empty=4", "sudoku.max_empty=8"])
+    other = load(None, ["sudoku.min_empty=4", "sudoku.max_empty=8", *_INJECTION_CHANGED])
+    for t in ("multiplication", "sudoku"):
+        a = make_splits(get_task(t, **cfg.task_options(t)), 40, 8, 0)
+        b = make_splits(get_task(t, **other.task_options(t)), 40, 8, 0)
+        assert all(a[s].equals(b[s]) for s in a)
+    states = []
+    for i, ov in enumerate([(), _INJECTION_CHANGED]):
+        c = _cfg("train.checkpoint_every=0", *ov)
+        _, session = train_local(
+            c,
+            "multiplication",
+            "ft",
+            mul_prompts,
+            max_steps=3,
+            checkpoint_root=str(tmp_path / f"{i}"),
+        )
+        states.append(_final_state(session))
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
 def test_a_tasks_own_method_budget_reaches_every_method_of_that_task_only(tmp_path):
     """``train.max_steps_by_task``: the named task's methods (FT too) train that many steps,
     with the LR schedule over them (the job's ``train.max_steps``); the other task's jobs and
