@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from rayjobs.train import base_config as pipeline_base_config  # noqa: E402
 from rayjobs.train import train_hash  # noqa: E402
-from selfcorrect.config import Config, load_config  # noqa: E402
+from selfcorrect.config import INJECTION_KEYS, Config, load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.evaluate import (  # noqa: E402
     discrimination,
@@ -68,9 +68,13 @@ from selfcorrect.training import (  # noqa: E402
     train_local,
 )
 
-# What --method-set may change: the fine-tune's training and its task's error injection,
-# not what the base shares with it (seed, data, model).
-METHOD_SECTIONS = ("train.", "multiplication.", "sudoku.")
+
+def method_only(key: str) -> bool:
+    """What --method-set may change: the fine-tune's training and its task's error injection
+    (``INJECTION_KEYS``), not what the base shares with it (seed, data, model, the task's
+    problems)."""
+    section, _, name = key.partition(".")
+    return section == "train" or name in INJECTION_KEYS.get(section, ())
 
 
 def ranking(model, tok, signal: str, pairs: list[tuple[str, str, str]]) -> dict:
@@ -208,10 +212,11 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     for kv in args.method_set:
-        if not kv.startswith(METHOD_SECTIONS):
+        if not method_only(kv.split("=", 1)[0]):
             ap.error(
-                f"--method-set {kv}: only the method's own settings ({', '.join(METHOD_SECTIONS)})"
-                " can differ from the base's; put it with the overrides to change both"
+                f"--method-set {kv}: only the method's own settings (train.*, and the task's "
+                "injector: error_weights, next_cell_share) can differ from the base's; put it "
+                "with the overrides to change both"
             )
     method_cfg = load_config(args.config, [*args.overrides, *args.method_set])
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))

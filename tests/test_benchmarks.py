@@ -145,12 +145,15 @@ def test_premise_probe_keys_the_base_by_what_decides_it() -> None:
     base = name()
     assert name("train.max_steps=1250", "train.lr=3e-3") == base
     assert name("train.max_steps_by_task={sudoku: 2000}") == base
+    # the injector never reaches the clean base (config.INJECTION_KEYS)
+    assert name("sudoku.next_cell_share=1", "train.injection_rate=0.5") == base
     for other in ("train.weight_decay=1.0", "seed=1", "model.preset=small", "train.base_lr=2e-3"):
         assert name(other) != base, other
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "benchmarks/premise_probe.py", "--method-set", "model.preset=small"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=120, capture_output=True, text=True)
-    assert proc.returncode == 2 and "only the method's own settings" in proc.stderr
+    for kv in ("model.preset=small", "multiplication.digits_a=3"):
+        cmd = [sys.executable, "benchmarks/premise_probe.py", "--method-set", kv]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=120, capture_output=True, text=True)
+        assert proc.returncode == 2 and "only the method's own settings" in proc.stderr, kv
 
 
 def test_error_probe_statistics_on_known_inputs() -> None:
