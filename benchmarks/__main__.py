@@ -1,6 +1,6 @@
 """Run every benchmark on this machine and rewrite BENCHMARKS.md.
 
-    python -m benchmarks [--only train,compile,generation,eval,grpo,coverage,pipeline] [--quick]
+    python -m benchmarks [--only train,compile,generation,eval,tune,grpo,coverage,pipeline] [--quick]
                          [--out BENCHMARKS.md] [--tiny-run runs/tiny] [--threads 2]
 
 Every figure in the file is a ratio measured side by side in this one run (the sides
@@ -33,7 +33,17 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_info, load_avg  # noqa: E402
 
-NAMES = ("train", "compile", "examples", "generation", "eval", "grpo", "coverage", "pipeline")
+NAMES = (
+    "train",
+    "compile",
+    "examples",
+    "generation",
+    "eval",
+    "tune",
+    "grpo",
+    "coverage",
+    "pipeline",
+)
 NOTES = Path(__file__).with_name("NOTES.md")
 
 
@@ -66,6 +76,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
                 errors=10, samples=500, naive_errors=1, naive_samples=200, rounds=1, ray_cpus=0
             ),
             "eval": dict(models=2, problems=4, rounds=1, cpus=threads),
+            "tune": dict(trials=1, steps=2, rounds=1, cpus=threads),
             "examples": dict(
                 batches=1, steps=1, rounds=1, methods=("eift",), overrides=["model.preset=nano"]
             ),
@@ -83,6 +94,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             errors=100, samples=10_000, naive_errors=2, naive_samples=500, rounds=3, ray_cpus=2
         ),
         "eval": dict(models=5, problems=20, rounds=3, cpus=threads),
+        "tune": dict(trials=2, steps=20, rounds=2, cpus=threads),
         "examples": dict(batches=10, steps=3, rounds=3, threads=1),
     }
 
@@ -102,6 +114,8 @@ def _runner(name: str) -> Callable[..., dict[str, Any]]:
         from benchmarks.bench_eval import run
     elif name == "examples":
         from benchmarks.bench_examples import run
+    elif name == "tune":
+        from benchmarks.bench_tune import run
     else:
         from benchmarks.pipeline_times import run
     return run
@@ -395,6 +409,37 @@ def md_eval(r: dict[str, Any]) -> list[str]:
     return lines + ["", f"Per-round ratios: {per}."]
 
 
+def md_tune(r: dict[str, Any]) -> list[str]:
+    tpm, sec = r["trials_per_min"], r["seconds_per_trial"]
+    per = ", ".join(
+        f"{a / b:.2f}" for a, b in zip(r["rates"]["in_trial"], r["rates"]["ray_train"], strict=True)
+    )
+    lines = [
+        f"`benchmarks/bench_tune.py`: the tune stage's sweep (`rayjobs.tune.sweep`) of "
+        f"{r['trials']} injection rates on {r['task']} (the `tiny` preset's model and training, "
+        f"{r['steps']} steps a trial from scratch, one trial at a time) on a local Ray with "
+        f"{r['cpus']} CPUs, everything the sweep does included. Ray Train: a `TorchTrainer` run "
+        "per trial, then an evaluation task (`tune.trainer=ray_train`). In the trial: the trial's "
+        "own process runs the same loop and evaluation (`tune.trainer=in_trial`, what `auto` "
+        "picks for one CPU worker). Both gave the same validation losses and model weights. "
+        f"{r['rounds']} alternating rounds after a warm-up round.",
+        "",
+    ]
+    lines += _table(
+        ["side", "trials/min", "s per trial", "in the trial / Ray Train"],
+        [
+            ["Ray Train run per trial", _n(tpm["ray_train"], 2), _n(sec["ray_train"], 1), ""],
+            [
+                "in the trial",
+                _n(tpm["in_trial"], 2),
+                _n(sec["in_trial"], 1),
+                _x(r["in_trial_over_ray_train"]),
+            ],
+        ],
+    )
+    return lines + ["", f"Per-round ratios: {per}."]
+
+
 def md_examples(r: dict[str, Any]) -> list[str]:
     lines = [
         "`benchmarks/bench_examples.py`: the batch a training step builds before its forward "
@@ -549,6 +594,7 @@ RENDER = {
     "examples": ("Building training batches", md_examples),
     "generation": ("Generation (harvest / eval)", md_generation),
     "eval": ("Eval stage: one Ray Data pass for every model of a task", md_eval),
+    "tune": ("Tune trials: training in the trial's own process", md_tune),
     "grpo": ("GRPO step", md_grpo),
     "coverage": ("Coverage sampling", md_coverage),
     "pipeline": ("Whole `tiny` pipeline: wall time per stage", md_pipeline),
@@ -601,6 +647,13 @@ def headline(results: dict[str, Any]) -> list[str]:
             f"eval generations/s, {e['models']} models",
             "one actor pool per model",
             e["one_pass_over_per_model"],
+        )
+    tu = results.get("tune", {})
+    if "in_trial_over_ray_train" in tu:
+        add(
+            "tune trials/min, one CPU worker",
+            "a Ray Train run per trial",
+            tu["in_trial_over_ray_train"],
         )
     gr = results.get("grpo", {})
     if "step_time_trl_over_ours" in gr:

@@ -9,15 +9,20 @@ own code, method ``eift`` with the trial's injection rate, optional max errors
 per trace and loss weights), then evaluates the model in one Ray task:
 validation loss on held-out traces of the trial's mixture, and accuracy /
 recognition / correction on ``synthetic`` and ``own_errors`` (greedy).
+With one CPU worker and no ZeRO (``tune.trainer`` auto / in_trial) the trial's own
+process runs the same loop and the evaluation instead: the ``TorchTrainer`` would add
+only its start-up (``selfcorrect.tune.trains_in_trial``).
 
 Resources: the trial function reserves only memory (it is a driver); the Train
 workers reserve the cores / GPUs, and ``max_concurrent_trials`` is how many
 trials' workers fit in the cluster at once (``tune.max_concurrent``, 0 = auto).
+A trial that trains in its own process reserves its worker's cores itself.
 
 Resuming: the experiment lives in ``<task>/tune/ray/<sweep-hash>/`` (Tune's
 ``storage_path`` + ``name``). Rerunning after an interruption restores it
 (``Tuner.can_restore`` / ``Tuner.restore``): finished trials are kept, unfinished
-ones resume (Ray Train picks up their last checkpoint from the same run name).
+ones resume (Ray Train picks up their last checkpoint from the same run name; a trial
+training in its own process, its newest checkpoint in the same place).
 A trial whose ``trials/<name>/result.json`` exists is never trained again,
 even when the driver died before Tune saved its own state.
 
@@ -48,7 +53,6 @@ from rayjobs.common import (
 from selfcorrect import console, io
 from selfcorrect.config import Config, config_from_dict
 from selfcorrect.tune import (
-    DRIVER_RESOURCES,
     PLOT_METRICS,
     TRIAL_CONDITIONS,
     TrialParams,
@@ -66,7 +70,9 @@ from selfcorrect.tune import (
     segment_ends,
     summary_metrics,
     sweep_hash,
+    trains_in_trial,
     trial_config,
+    trial_function_resources,
     trial_hash,
     trial_params,
     validation_examples,
@@ -108,15 +114,16 @@ def train_trial_model(
     cfg: Config, task: str, output_dir: str, params: TrialParams, stop_at: int
 ) -> dict[str, Any]:
     """Train the trial's EIFT model up to step ``stop_at`` with the training job's worker loop
-    (``selfcorrect.training.train_loop_per_worker`` in a ``TorchTrainer``) and publish it to
+    (``selfcorrect.training.train_loop_per_worker`` in a ``TorchTrainer``, or the same
+    ``run_training`` in this process: ``trains_in_trial``) and publish it to
     ``trials/<name>/model``; returns the last training metrics.
 
     The Ray Train run is named after the trial (never a timestamp) and stored under
     ``tune/ray/train``: a restarted trial, or the next segment of this one, resumes
-    the same run from its last checkpoint.
+    the same run from its last checkpoint (in this process: the newest one kept there).
     """
     from rayjobs.train import make_trainer
-    from selfcorrect.training import MODEL_DIR
+    from selfcorrect.training import MODEL_DIR, LocalSession, run_training
 
     tcfg = trial_config(cfg, params)
     init = None
@@ -129,25 +136,37 @@ def train_trial_model(
             )
         init = init if io.is_uri(init) else os.path.abspath(init)
     train_tab = io.read_parquet(io.join(output_dir, task, "data", "train.parquet"), ["prompt"])
-    trainer = make_trainer(
-        tcfg,
-        {
-            "cfg": tcfg.to_dict(),
-            "task": task,
-            "method": "eift",
-            "prompts": train_tab.column("prompt").to_pylist(),
-            "onpolicy": None,
-            "init_model_path": init,
-            "max_steps": stop_at,
-        },
-        name=f"{params.name}-{trial_hash(cfg, task, params)}",
-        storage_path=io.join(experiment_storage(output_dir, task), "train"),
-        keep=1,
-    )
+    loop_config = {
+        "cfg": tcfg.to_dict(),
+        "task": task,
+        "method": "eift",
+        "prompts": train_tab.column("prompt").to_pylist(),
+        "onpolicy": None,
+        "init_model_path": init,
+        "max_steps": stop_at,
+    }
+    run_name = f"{params.name}-{trial_hash(cfg, task, params)}"
+    storage = io.join(experiment_storage(output_dir, task), "train")
+    model_dir = io.join(trial_dir(output_dir, task, params), "model")
+    if trains_in_trial(cfg, output_dir):
+        if io.is_uri(storage):
+            raise ValueError(
+                f"tune.trainer=in_trial keeps a trial's checkpoints on its own disk, but the "
+                f"output dir {output_dir} is remote; use tune.trainer=ray_train (or auto)"
+            )
+        # The same loop in this process; a restarted trial resumes from its newest checkpoint
+        # (the place the Ray Train run of this name would keep its own).
+        session = LocalSession(os.path.join(storage, run_name), resume=True, keep=1)
+        metrics = run_training(loop_config, session)
+        src = os.path.join(session.latest or "", MODEL_DIR)
+        if not os.path.isdir(src):
+            raise RuntimeError(f"tune trial {task}/{params.name}: final checkpoint has no model")
+        io.upload_dir(src, model_dir)  # atomic replace locally
+        return metrics
+    trainer = make_trainer(tcfg, loop_config, name=run_name, storage_path=storage, keep=1)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"tune trial {task}/{params.name}: training left no checkpoint")
-    model_dir = io.join(trial_dir(output_dir, task, params), "model")
     with result.checkpoint.as_directory() as d:
         src = os.path.join(d, MODEL_DIR)
         if not os.path.isdir(src):
@@ -250,9 +269,20 @@ def run_trial(
             ray.tune.report(done["metrics"])
             return
     started_at = time.time()
-    # Outside the trial's placement group (which holds only the driver's memory): the
-    # evaluation takes the cores its training just released.
-    ev = ray.remote(evaluate_trial).options(scheduling_strategy="DEFAULT", **eval_resources(cfg))
+    if trains_in_trial(cfg, output_dir):
+        # The trial holds its worker's cores and evaluates on them, in this process.
+        def evaluate(full: bool) -> dict[str, Any]:
+            return evaluate_trial(cfg_dict, task, output_dir, params, full=full)
+    else:
+        # Outside the trial's placement group (which holds only the driver's memory): the
+        # evaluation takes the cores its training just released.
+        ev = ray.remote(evaluate_trial).options(
+            scheduling_strategy="DEFAULT", **eval_resources(cfg)
+        )
+
+        def evaluate(full: bool) -> dict[str, Any]:
+            return ray.get(ev.remote(cfg_dict, task, output_dir, params, full=full))
+
     ends = segment_ends(cfg)
     train_seconds = 0.0
     for i, stop_at in enumerate(ends):
@@ -260,7 +290,7 @@ def run_trial(
         t0 = time.time()
         train = train_trial_model(cfg, task, output_dir, params, stop_at)
         train_seconds += time.time() - t0
-        metrics = ray.get(ev.remote(cfg_dict, task, output_dir, params, full=last))
+        metrics = evaluate(full=last)
         metrics.update(
             trial=params.name if last else None,
             **dataclasses.asdict(params),
@@ -303,7 +333,7 @@ def make_tuner(cfg: Config, task: str, output_dir: str, resources: dict[str, flo
             output_dir=output_dir,
             console_spec=console.worker_spec(),  # quiet mode: trials log to the stage's log
         ),
-        DRIVER_RESOURCES,
+        trial_function_resources(cfg, output_dir),
     )
     storage, name = experiment_storage(output_dir, task), experiment_name(cfg, task)
     path = io.join(storage, name)

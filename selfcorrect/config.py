@@ -444,9 +444,22 @@ class TuneConfig:
     report_every: int = _f(
         0, "steps between a trial's validation-loss reports (ASHA rungs); 0 = auto"
     )
+    trainer: str = _f(
+        "auto",
+        "how a trial trains: ray_train (a Ray Train TorchTrainer run per trial, Ray's "
+        "Tune-over-Train pattern) | in_trial (the trial's own process runs the training loop "
+        "and the evaluation: no Ray Train start-up, ~20 s a trial on 2 CPU cores; one worker, "
+        "zero_stage 0, a local output dir) | auto (in_trial where it applies on CPUs, else "
+        "ray_train). Same model either way",
+    )
 
     def validate(self) -> None:
         _check(len(self.injection_rates) > 0, "tune.injection_rates", "name at least one rate")
+        _check(
+            self.trainer in ("auto", "ray_train", "in_trial"),
+            "tune.trainer",
+            f"unknown value {self.trainer!r}; choose auto, ray_train or in_trial",
+        )
         _check(all(0 <= r <= 1 for r in self.injection_rates), "tune.injection_rates", "in [0, 1]")
         _check(all(m >= 1 for m in self.max_errors), "tune.max_errors", "each must be >= 1")
         _check(
@@ -572,6 +585,13 @@ class Config:
                 f"unknown task {t!r}; choose multiplication, sudoku",
             )
         _check(len(self.tasks) > 0, "tasks", "name at least one task")
+        _check(
+            self.tune.trainer != "in_trial"
+            or (self.train.num_workers == 1 and self.train.zero_stage == 0),
+            "tune.trainer",
+            "in_trial trains in the trial's one process: it needs train.num_workers=1 and "
+            "train.zero_stage=0; set tune.trainer=ray_train (or auto) for more workers or ZeRO",
+        )
         _check(self.seed >= 0, "seed", "must be >= 0 (numpy seeds are non-negative)")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)

@@ -197,26 +197,50 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class LocalSession:
-    """Ray Train's session API for one process: reports kept in memory, checkpoints on disk."""
+    """Ray Train's session API for one process: reports kept in memory, checkpoints on disk.
 
-    def __init__(self, checkpoint_root: str | None = None) -> None:
+    ``resume``: start from the newest checkpoint already under ``checkpoint_root`` (a
+    restarted Tune trial that trains in its own process, ``rayjobs.tune``), and keep only
+    the newest ``keep`` there (0 = all). A checkpoint appears whole or not at all.
+    """
+
+    def __init__(
+        self, checkpoint_root: str | None = None, *, resume: bool = False, keep: int = 0
+    ) -> None:
         self.reports: list[dict[str, Any]] = []
         self.root = checkpoint_root or tempfile.mkdtemp(prefix="selfcorrect-train-")
-        self.latest: str | None = None
+        self.keep = keep
+        found = self._checkpoints() if resume else []
+        self.latest: str | None = found[-1] if found else None
 
     rank, world = 0, 1
+
+    def _checkpoints(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        names = sorted(n for n in os.listdir(self.root) if n.startswith("checkpoint_"))
+        return [os.path.join(self.root, n) for n in names if "." not in n]
 
     def get_checkpoint_dir(self) -> str | None:
         return self.latest
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        self.reports.append(metrics)
-        if checkpoint_dir is not None:
-            import shutil
+        import shutil
 
-            dst = os.path.join(self.root, f"checkpoint_{len(self.reports):06d}")
-            shutil.copytree(checkpoint_dir, dst)
-            self.latest = dst
+        self.reports.append(metrics)
+        if checkpoint_dir is None:
+            return
+        # Numbered after the newest on disk, so a resumed session's names keep their order.
+        on_disk = self._checkpoints()
+        n = int(on_disk[-1].rsplit("_", 1)[1]) + 1 if on_disk else 1
+        dst = os.path.join(self.root, f"checkpoint_{n:06d}")
+        shutil.rmtree(dst + ".tmp", ignore_errors=True)  # one a killed process left half-copied
+        shutil.copytree(checkpoint_dir, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
+        self.latest = dst
+        if self.keep:
+            for old in self._checkpoints()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 class RaySession:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from selfcorrect import io
 from selfcorrect.config import Config, ConfigError
 
 # Hyperparameters a trial can sweep; anything not swept takes its value from ``train.*``.
@@ -160,6 +161,29 @@ def trial_resources(cfg: Config) -> dict[str, float]:
 DRIVER_RESOURCES = {"memory": 256 * 1024**2}
 
 
+def trains_in_trial(cfg: Config, output_dir: str) -> bool:
+    """Whether a trial runs the training loop in its own process (``tune.trainer``).
+
+    ``auto`` picks it for one CPU worker without ZeRO writing to a local output dir: there a
+    ``TorchTrainer`` adds only its start-up (a controller and a worker process, ~20 s a trial
+    on 2 cores) to the same loop on the same core. Its checkpoints stay on the trial's disk.
+    """
+    mode, t = cfg.tune.trainer, cfg.train
+    if mode != "auto":
+        return mode == "in_trial"
+    local = not io.is_uri(output_dir)
+    return local and t.num_workers == 1 and t.zero_stage == 0 and not t.use_gpu
+
+
+def trial_function_resources(cfg: Config, output_dir: str) -> dict[str, float]:
+    """What the Tune function reserves: a driver's memory, or (training in the trial) the
+    worker's cores and GPU as well."""
+    if not trains_in_trial(cfg, output_dir):
+        return dict(DRIVER_RESOURCES)
+    need = trial_resources(cfg)
+    return {**DRIVER_RESOURCES, "cpu": need["CPU"], "gpu": need.get("GPU", 0.0)}
+
+
 def max_concurrent(cfg: Config, cluster: Mapping[str, float]) -> int:
     """``tune.max_concurrent``, or (0) as many trials as the cluster's CPUs/GPUs can train at once.
 
@@ -259,11 +283,11 @@ def segment_ends(cfg: Config) -> list[int]:
 def sweep_hash(cfg: Config, task: str) -> str:
     """What decides a task's sweep results: data, model, training, eval and tune settings.
 
-    Resource-only keys (concurrency, workers' placement) are left out, so a
-    sweep can be resumed with another ``tune.max_concurrent``.
+    Resource-only keys (concurrency, workers' placement, ``tune.trainer``) are left out, so
+    a sweep can be resumed with another ``tune.max_concurrent``.
     """
     d = cfg.to_dict()
-    tune = {k: v for k, v in d["tune"].items() if k not in ("max_concurrent", "enabled")}
+    tune = {k: v for k, v in d["tune"].items() if k not in ("max_concurrent", "enabled", "trainer")}
     train = {k: v for k, v in d["train"].items() if k not in ("methods", "max_failures")}
     ev = {k: v for k, v in d["eval"].items() if k in ("max_problems", "max_new_tokens")}
     blob = {

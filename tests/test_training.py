@@ -314,6 +314,31 @@ def test_resume_from_checkpoint_is_exact(mul_prompts, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_resuming_session_picks_up_its_newest_checkpoint_and_keeps_one(mul_prompts, tmp_path):
+    """A Tune trial that trains in its own process (``tune.trainer=in_trial``) and is restarted:
+    a new ``LocalSession(resume=True)`` on the same directory goes on from the newest whole
+    checkpoint (a half-copied one is ignored) to the model a straight run gives."""
+    cfg = _cfg("train.checkpoint_every=3", "train.injection_rate=0.5")
+    _, straight = train_local(
+        cfg, "multiplication", "eift", mul_prompts, max_steps=6, checkpoint_root=str(tmp_path / "a")
+    )
+    config = {"cfg": cfg.to_dict(), "task": "multiplication", "method": "eift"}
+    root = str(tmp_path / "trial")
+    first = LocalSession(root, resume=True, keep=1)
+    assert first.latest is None  # nothing there yet
+    run_training({**config, "prompts": mul_prompts, "max_steps": 3}, first)
+    assert os.listdir(root) == ["checkpoint_000001"]
+    os.makedirs(os.path.join(root, "checkpoint_000002.tmp"))  # a copy cut short by a kill
+    restarted = LocalSession(root, resume=True, keep=1)
+    assert restarted.latest == os.path.join(root, "checkpoint_000001")
+    run_training({**config, "prompts": mul_prompts, "max_steps": 6}, restarted)
+    assert [r["step"] for r in restarted.reports] == [4, 5, 6]
+    assert sorted(os.listdir(root)) == ["checkpoint_000002"]  # the newest only, whole
+    a, b = _final_state(straight), _final_state(restarted)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_a_task_model_hash_follows_only_its_own_base_budget():
     from rayjobs.train import train_hash
     from selfcorrect.config import load_config

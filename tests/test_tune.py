@@ -170,6 +170,31 @@ def test_max_concurrent_from_resources():
     assert max_concurrent(cfg_with("tune.max_concurrent=3"), {"CPU": 64.0}) == 3
 
 
+def test_a_trial_trains_in_its_own_process_only_where_a_trainer_adds_nothing_but_start_up():
+    from selfcorrect.config import ConfigError
+    from selfcorrect.tune import trains_in_trial, trial_function_resources
+
+    one = cfg_with("train.num_workers=1", "train.cpus_per_worker=1")
+    assert trains_in_trial(one, "runs/x")
+    assert trial_function_resources(one, "runs/x")["cpu"] == 1.0  # it holds the worker's core
+    assert not trains_in_trial(one, "s3://bucket/run")  # checkpoints must reach other nodes
+    two = cfg_with("train.num_workers=2", "train.micro_batch_size=8")
+    assert not trains_in_trial(two, "runs/x")
+    assert "cpu" not in trial_function_resources(two, "runs/x")  # a driver: memory only
+    assert not trains_in_trial(cfg_with("train.num_workers=1", "train.zero_stage=2"), "runs/x")
+    assert not trains_in_trial(cfg_with("train.num_workers=1", "train.use_gpu=true"), "runs/x")
+    assert not trains_in_trial(cfg_with("train.num_workers=1", "tune.trainer=ray_train"), "r")
+    # the trainer is how, not what: the same sweep either way
+    assert sweep_hash(one, "sudoku") == sweep_hash(
+        cfg_with("train.num_workers=1", "train.cpus_per_worker=1", "tune.trainer=ray_train"),
+        "sudoku",
+    )
+    with pytest.raises(ConfigError, match="tune.trainer.*num_workers=1"):
+        cfg_with("train.num_workers=2", "train.micro_batch_size=8", "tune.trainer=in_trial")
+    with pytest.raises(ConfigError, match="tune.trainer.*choose auto"):
+        cfg_with("tune.trainer=inline")
+
+
 def test_validation_loss_matches_the_training_loss_normalisation():
     import torch
 

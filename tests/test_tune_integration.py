@@ -1,9 +1,11 @@
 """Integration: a real Ray Tune sweep on the smoke preset (nano model, 10 steps per trial).
 
 * a 2-trial sweep writes tune/results.parquet (one row per trial), the plots and
-  each trial's model / eval rows, with both trials running at once on 2 CPUs;
+  each trial's model / eval rows, with both trials running at once on 2 CPUs, each
+  training in its own process (``tune.trainer`` auto);
 * a sweep whose driver is killed after the first trial finished resumes
-  (Tuner.restore of the same experiment) without redoing that trial.
+  (Tuner.restore of the same experiment) without redoing that trial; its trials are
+  Ray Train runs (``tune.trainer=ray_train``) and give the same models.
 """
 
 from __future__ import annotations
@@ -48,9 +50,23 @@ def with_data(tmp_path: Path, *extra: str) -> JobContext:
     return ctx
 
 
-def test_two_trial_sweep_writes_results(ray_session, tmp_path):
-    ctx = with_data(tmp_path)
-    written = tune_job.run(ctx)
+@pytest.fixture(scope="module")
+def in_trial_sweep(ray_session, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The 2-trial sweep with the default trainer (one CPU worker: in the trial)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    return tmp, tune_job.run(with_data(tmp))
+
+
+def _trial_weights(output_dir: Path, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    path = output_dir / "multiplication" / "tune" / "trials" / name / "model" / "model.safetensors"
+    return load_file(str(path))
+
+
+def test_two_trial_sweep_writes_results(in_trial_sweep):
+    tmp_path, written = in_trial_sweep
+    ctx = JobContext(smoke(), str(tmp_path / "run"))
     out = tmp_path / "run" / "multiplication" / "tune"
     assert written == [str(out / "results.parquet")]
     df = pd.read_parquet(out / "results.parquet")
@@ -67,6 +83,11 @@ def test_two_trial_sweep_writes_results(ray_session, tmp_path):
                 assert (math.isnan(v) and r[f"{c}_n"] == 0) or 0 <= v <= 1
         tdir = out / "trials" / r["trial"]
         assert (tdir / "model" / "config.json").exists()
+        # One CPU worker: the trial trained in its own process (tune.trainer auto), and kept
+        # its one newest checkpoint where a restart looks for it.
+        assert [p.name for p in (out / "ray" / "train").glob(f"{r['trial']}-*/*")] == [
+            "checkpoint_000001"
+        ]
         ev = pd.read_parquet(tdir / "eval.parquet")
         assert set(ev["condition"]) >= {"synthetic", "clean"}
         assert (ev["temperature"] == 0.0).all()
@@ -94,8 +115,12 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
-def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, tmp_path, capsys):
-    extra = ["tune.max_concurrent=1"]  # one trial at a time: the kill lands mid-second-trial
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(
+    ray_session, in_trial_sweep, tmp_path, capsys
+):
+    # One trial at a time: the kill lands mid-second-trial. Each trial a Ray Train run (the
+    # multi-worker and GPU path; the smoke preset's one CPU worker trains in the trial).
+    extra = ["tune.max_concurrent=1", "tune.trainer=ray_train"]
     ctx = with_data(tmp_path, *extra)
     cfg = ctx.cfg
     first, second = (trial_params(cfg, {"injection_rate": r}) for r in (0.1, 0.5))
@@ -143,3 +168,10 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, 
     assert done.stat().st_mtime_ns == stamp
     assert (tdir / first.name / "model" / "model.safetensors").stat().st_mtime_ns == model_stamp
     assert (tdir / second.name / "result.json").exists()
+    # A Ray Train run per trial gives the models the trial's own process gave.
+    import torch
+
+    for name in (first.name, second.name):
+        a = _trial_weights(Path(ctx.output_dir), name)
+        b = _trial_weights(in_trial_sweep[0] / "run", name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

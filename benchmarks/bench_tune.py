@@ -1,0 +1,137 @@
+"""The tune stage's trials: the training loop in the trial's own process, against one Ray Train
+run per trial as the stage ran before.
+
+    python benchmarks/bench_tune.py [--trials 2] [--steps 20] [--rounds 2] [--cpus 2]
+
+A sweep of ``--trials`` injection rates on multiplication (the `tiny` preset's model and
+training settings, ``tune.init=scratch``, ``--steps`` steps a trial, one trial at a time as
+in the pipeline when a sweep runs beside another step) on a local Ray, from data on disk:
+
+* ray_train: ``tune.trainer=ray_train``: each trial drives a ``TorchTrainer`` run (a controller
+  and a worker process), then evaluates in a Ray task;
+* in_trial: ``tune.trainer=in_trial``: the trial's process runs the same loop and evaluation.
+
+Reports trials per minute, all the sweep does included (``rayjobs.tune.sweep``: Tuner, trials,
+results table). Both sides must give the same validation losses and model weights (checked
+on the first round, which is also the warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.common import alternate, median_ratio  # noqa: E402
+
+TASK = "multiplication"
+SIDES = ("ray_train", "in_trial")
+
+
+def _config(trainer: str, trials: int, steps: int) -> Any:
+    from selfcorrect.config import load_config
+
+    rates = [round(0.1 * (i + 1), 2) for i in range(trials)]
+    return load_config(
+        os.path.join(REPO, "configs", "tiny.yaml"),
+        [
+            f"tasks=[{TASK}]",
+            "data.n_train=500",
+            f"tune.injection_rates=[{','.join(map(str, rates))}]",
+            f"tune.max_steps={steps}",
+            "tune.init=scratch",
+            "tune.max_concurrent=1",
+            "tune.eval_problems=20",
+            "tune.val_examples=32",
+            f"tune.trainer={trainer}",
+        ],
+    )
+
+
+def _weights(path: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def run(trials: int = 2, steps: int = 20, rounds: int = 2, cpus: int = 2) -> dict[str, Any]:
+    import ray
+    import torch
+
+    from rayjobs import data as data_job
+    from rayjobs import tune as tune_job
+    from rayjobs.common import JobContext
+
+    root = tempfile.mkdtemp(prefix="bench-tune-")
+    data_dir = os.path.join(root, "data-run")
+    data_job.run(JobContext(_config("ray_train", trials, steps), data_dir))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    runs: dict[str, list[str]] = {s: [] for s in SIDES}
+    losses: dict[str, list[list[float]]] = {s: [] for s in SIDES}
+
+    def side(trainer: str) -> float:
+        out = os.path.join(root, f"{trainer}-{len(runs[trainer])}")
+        shutil.copytree(data_dir, out)  # a fresh sweep: nothing to restore or skip
+        runs[trainer].append(out)
+        t = time.perf_counter()
+        df = tune_job.sweep(_config(trainer, trials, steps), TASK, out)
+        seconds = time.perf_counter() - t
+        if not (df["status"] == "done").all():
+            raise AssertionError(f"{trainer}: trials failed: {df[['status', 'error']]}")
+        losses[trainer].append(df.sort_values("injection_rate")["val_loss"].tolist())
+        return 60 * len(df) / seconds
+
+    try:
+        first = {s: side(s) for s in SIDES}  # warm-up: imports, Ray's worker pool, file caches
+        a, b = (losses[s][0] for s in SIDES)
+        if a != b:
+            raise AssertionError(f"the two trainers gave other validation losses: {a} / {b}")
+        same = {}
+        for name in sorted(os.listdir(os.path.join(runs["ray_train"][0], TASK, "tune", "trials"))):
+            a, b = (
+                _weights(os.path.join(runs[s][0], TASK, "tune", "trials", name, "model"))
+                for s in SIDES
+            )
+            same[name] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        if not all(same.values()):
+            raise AssertionError(f"the two trainers trained different models: {same}")
+        med, rates = alternate({s: lambda s=s: side(s) for s in SIDES}, rounds)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "task": TASK,
+        "trials": trials,
+        "steps": steps,
+        "cpus": cpus,
+        "rounds": rounds,
+        "warm_up_trials_per_min": first,
+        "trials_per_min": med,
+        "rates": rates,
+        "seconds_per_trial": {k: 60 / v for k, v in med.items()},
+        "in_trial_over_ray_train": median_ratio(rates, "in_trial", "ray_train"),
+        "same_models": True,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cpus", type=int, default=2)
+    a = p.parse_args()
+    r = run(a.trials, a.steps, a.rounds, a.cpus)
+    print(json.dumps({k: v for k, v in r.items() if k != "rates"}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
