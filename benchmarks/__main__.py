@@ -154,6 +154,13 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _pair_table(
+    head: list[str], baseline: tuple[str, ...], ours: tuple[str, ...], ratio: float
+) -> list[str]:
+    """A baseline row and our row, the ratio ours / baseline in our row's last column."""
+    return _table(head, [[*baseline, ""], [*ours, _x(ratio)]])
+
+
 def md_train(r: dict[str, Any]) -> list[str]:
     lines = [
         f"`benchmarks/bench_train.py`: `{r['method']}` examples ({r['task']}, `{r['config']}`, "
@@ -394,17 +401,11 @@ def md_eval(r: dict[str, Any]) -> list[str]:
         f"Both wrote the same rows. {r['rounds']} alternating rounds.",
         "",
     ]
-    lines += _table(
+    lines += _pair_table(
         ["side", "generations/s", "wall s", "one pass / per model"],
-        [
-            ["per model", _n(g["per_model"], 1), _n(sec["per_model"], 1), ""],
-            [
-                "one pass",
-                _n(g["one_pass"], 1),
-                _n(sec["one_pass"], 1),
-                _x(r["one_pass_over_per_model"]),
-            ],
-        ],
+        ("per model", _n(g["per_model"], 1), _n(sec["per_model"], 1)),
+        ("one pass", _n(g["one_pass"], 1), _n(sec["one_pass"], 1)),
+        r["one_pass_over_per_model"],
     )
     return lines + ["", f"Per-round ratios: {per}."]
 
@@ -425,17 +426,11 @@ def md_tune(r: dict[str, Any]) -> list[str]:
         f"{r['rounds']} alternating rounds after a warm-up round.",
         "",
     ]
-    lines += _table(
+    lines += _pair_table(
         ["side", "trials/min", "s per trial", "in the trial / Ray Train"],
-        [
-            ["Ray Train run per trial", _n(tpm["ray_train"], 2), _n(sec["ray_train"], 1), ""],
-            [
-                "in the trial",
-                _n(tpm["in_trial"], 2),
-                _n(sec["in_trial"], 1),
-                _x(r["in_trial_over_ray_train"]),
-            ],
-        ],
+        ("Ray Train run per trial", _n(tpm["ray_train"], 2), _n(sec["ray_train"], 1)),
+        ("in the trial", _n(tpm["in_trial"], 2), _n(sec["in_trial"], 1)),
+        r["in_trial_over_ray_train"],
     )
     return lines + ["", f"Per-round ratios: {per}."]
 
