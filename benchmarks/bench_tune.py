@@ -12,8 +12,8 @@ in the pipeline when a sweep runs beside another step) on a local Ray, from data
 * in_trial: ``tune.trainer=in_trial``: the trial's process runs the same loop and evaluation.
 
 Reports trials per minute, all the sweep does included (``rayjobs.tune.sweep``: Tuner, trials,
-results table). Both sides must give the same validation losses and model weights (checked
-on the first round, which is also the warm-up).
+results table). Both sides must give the same model weights, to the bit (checked on the
+first round, which is also the warm-up).
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ def run(trials: int = 2, steps: int = 20, rounds: int = 2, cpus: int = 2) -> dic
     data_job.run(JobContext(_config("ray_train", trials, steps), data_dir))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[str]] = {s: [] for s in SIDES}
-    losses: dict[str, list[list[float]]] = {s: [] for s in SIDES}
 
     def side(trainer: str) -> float:
         out = os.path.join(root, f"{trainer}-{len(runs[trainer])}")
@@ -86,14 +85,10 @@ def run(trials: int = 2, steps: int = 20, rounds: int = 2, cpus: int = 2) -> dic
         seconds = time.perf_counter() - t
         if not (df["status"] == "done").all():
             raise AssertionError(f"{trainer}: trials failed: {df[['status', 'error']]}")
-        losses[trainer].append(df.sort_values("injection_rate")["val_loss"].tolist())
         return 60 * len(df) / seconds
 
     try:
         first = {s: side(s) for s in SIDES}  # warm-up: imports, Ray's worker pool, file caches
-        a, b = (losses[s][0] for s in SIDES)
-        if a != b:
-            raise AssertionError(f"the two trainers gave other validation losses: {a} / {b}")
         same = {}
         for name in sorted(os.listdir(os.path.join(runs["ray_train"][0], TASK, "tune", "trials"))):
             a, b = (
