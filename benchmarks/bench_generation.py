@@ -5,7 +5,8 @@
 Same random-init model, same prompts (4x4-digit multiplication), greedy, CPU, same
 thread count. Variants: HF ``model.generate`` one prompt at a time (the baseline),
 HF ``model.generate`` batched with default settings, ``selfcorrect.generation.generate``
-batched. Throughput does not depend on what an untrained model writes, only on how
+batched, and the same loop over transformers' ``DynamicCache`` (which appends each token's
+keys and values with ``torch.cat``) instead of its preallocated cache. Throughput does not depend on what an untrained model writes, only on how
 many tokens, so every variant counts the tokens it actually generated.
 
 Each variant runs in a fresh subprocess per round (rounds alternate the variants), so
@@ -30,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("hf_single", "hf_batched", "ours")
+VARIANTS = ("hf_single", "hf_batched", "ours", "ours_dynamic_cache")
 
 
 def _maxrss_mb() -> float:
@@ -53,11 +54,16 @@ def measure(
     import numpy as np
     import torch
 
+    import selfcorrect.generation as generation
     from selfcorrect.generation import generate
     from selfcorrect.models import build_model
     from selfcorrect.tasks import get_task
 
     torch.set_num_threads(threads)
+    if variant == "ours_dynamic_cache":  # the baseline: torch.cat per token, as transformers does
+        from transformers import DynamicCache
+
+        generation._preallocated_cache_class = lambda: lambda capacity: DynamicCache()
     task = get_task("multiplication", digits_a=4, digits_b=4)
     rng = np.random.default_rng(0)
     prefixes = [task.prompt(task.sample_problem(rng)) + "\n" for _ in range(n)]
@@ -65,7 +71,7 @@ def measure(
     model.eval()
     tok.padding_side = "left"  # decoder-only batched generate needs left padding
     with torch.inference_mode():
-        if variant == "ours":
+        if variant.startswith("ours"):
             generate(model, tok, prefixes[:4], max_new_tokens=8)
         else:
             enc = tok(prefixes[:4], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -73,7 +79,7 @@ def measure(
     rss_ready = _maxrss_mb()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        if variant == "ours":
+        if variant.startswith("ours"):
             texts = generate(
                 model, tok, prefixes, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
@@ -130,7 +136,7 @@ def run(
     """Tokens/s and peak RSS per variant (median over rounds), ratios to the baselines."""
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
-        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
             runs[v].append(
                 _subprocess(
@@ -174,6 +180,7 @@ def run(
         "hf_batched_over_single": ratio("hf_batched", "hf_single"),
         "ours_over_single": ratio("ours", "hf_single"),
         "ours_over_hf_batched": ratio("ours", "hf_batched"),
+        "ours_over_dynamic_cache": ratio("ours", "ours_dynamic_cache"),
     }
 
 

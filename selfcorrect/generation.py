@@ -24,6 +24,7 @@ loads the model once per actor and adds a ``completion`` column.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -76,6 +77,62 @@ def _newline_table(tokenizer: Any, vocab_size: int) -> torch.Tensor:
         table = torch.from_numpy(flags)
         _NEWLINE_CACHE[key] = table
     return table
+
+
+@functools.cache
+def _preallocated_cache_class() -> type:
+    """``PreallocatedCache(capacity)``: a KV cache that writes each new position in place.
+
+    transformers' ``DynamicCache`` appends with ``torch.cat``, which copies every layer's
+    whole cache at every token: on CPU at batch 128 that copy was 60% of a decode step. This
+    cache preallocates the prompt plus ``max_new_tokens`` and hands attention views of the
+    same values, so the logits are the same to the bit (``tests/test_generation.py``);
+    ``benchmarks/bench_generation.py`` measures the ratio. Built on first use, so importing
+    this module does not import transformers.
+    """
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            b, h, _, d = key_states.shape  # [batch, kv heads, positions, head dim]
+            self.device = key_states.device
+            self._k = key_states.new_empty(b, h, self.capacity, d)  # [b, h, capacity, d]
+            self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):  # type: ignore[override]
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self._k.shape[-2]:  # more than planned: grow by doubling
+                grow = max(end, 2 * self._k.shape[-2]) - self._k.shape[-2]
+                self._k = torch.nn.functional.pad(self._k, (0, 0, 0, grow))
+                self._v = torch.nn.functional.pad(self._v, (0, 0, 0, grow))
+            self._k[:, :, self.length : end] = key_states
+            self._v[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]  # views
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    class PreallocatedCache(DynamicCache):
+        def __init__(self, capacity: int) -> None:
+            layer = functools.partial(PreallocatedLayer, capacity)
+            Cache.__init__(self, layer_class_to_replicate=layer)  # type: ignore[arg-type]
+
+    return PreallocatedCache
 
 
 def _strip_specials(text: str, tokenizer: Any) -> str:
@@ -234,8 +291,6 @@ def _generate_batch(
     temperature: float,
     context: int | None = None,
 ) -> list[Rollout]:
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     B = len(ids)
     T = max(len(r) for r in ids)
@@ -272,7 +327,7 @@ def _generate_batch(
     stop = ["length"] * B  # why each row stopped; "length" until something else ends it
     line_start = [0] * B  # token index where each row's unfinished line begins
     active = torch.arange(B, device=device)  # original row of each live batch slot
-    cache = DynamicCache()
+    cache = _preallocated_cache_class()(T + max_new_tokens)
     step_ids, step_pos, attn = input_ids, positions, mask
     for t in range(max_new_tokens):
         logits = (

@@ -53,6 +53,45 @@ def test_greedy_agrees_with_hf_generate(trained, prefixes):
         assert text == (ref if end is None else ref[:end])
 
 
+def test_the_preallocated_kv_cache_samples_dynamic_caches_tokens_to_the_bit(
+    trained, prefixes, monkeypatch
+):
+    """Writing the cache in place (no torch.cat per token) changes no token, with rows of
+    uneven lengths leaving the batch at different steps."""
+    from transformers import DynamicCache
+
+    import selfcorrect.generation as g
+
+    model, tok = trained
+    mixed = prefixes[:6] + [p + "1" for p in prefixes[6:9]] + ["7*8\n"]
+    kw = {"max_new_tokens": 60, "temperature": 1.0, "seeds": range(10), "batch_size": 10}
+    ours = g.generate_rollouts(model, tok, mixed, **kw)
+    monkeypatch.setattr(g, "_preallocated_cache_class", lambda: lambda capacity: DynamicCache())
+    ref = g.generate_rollouts(model, tok, mixed, **kw)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in ref]
+    assert len({len(r.token_ids) for r in ours}) > 2  # rows did leave the batch early
+
+
+def test_the_preallocated_kv_cache_grows_past_its_planned_length(trained):
+    from transformers import DynamicCache
+
+    from selfcorrect.generation import _preallocated_cache_class
+
+    model, _ = trained
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    logits = {}
+    for name, cache in (("planned 3", _preallocated_cache_class()(3)), ("dynamic", DynamicCache())):
+        with torch.no_grad():
+            out = [model(input_ids=ids[:, :2], cache=cache, use_cache=True).logits[:, -1]]
+            for t in range(2, ids.shape[1]):
+                out.append(
+                    model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
+                )
+        logits[name] = torch.stack(out)
+        assert cache.get_seq_length() == ids.shape[1]
+    assert torch.equal(logits["planned 3"], logits["dynamic"])
+
+
 def test_stops_after_answer_line(trained, prefixes):
     model, tok = trained
     texts = generate(model, tok, prefixes, max_new_tokens=120)
