@@ -234,6 +234,19 @@ def md_train(r: dict[str, Any]) -> list[str]:
             f"(per round {per}). Same examples and the same update (the loss is normalised over "
             "the global batch); the table above uses one micro-batch per step on both sides.",
         ]
+    at = r.get("attention")
+    if at:
+        t = at["tokens_per_s"]
+        per = ", ".join(
+            f"{a / b:.2f}" for a, b in zip(at["rates"]["auto"], at["rates"]["sdpa"], strict=True)
+        )
+        lines += [
+            "",
+            f"Attention kernel (`train.attention`): at that layout ({'bf16' if at['bf16'] else 'fp32'}), "
+            f"`auto` trains with `{at['auto_kernel']}` attention at {_n(t['auto'])} tokens/s against "
+            f"{_n(t['sdpa'])} with PyTorch's fused `sdpa` kernel: {_x(at['auto_over_sdpa'])} "
+            f"(per round {per}). The table above runs every side with `auto`'s kernel.",
+        ]
     lines += [
         "",
         "Per-round ratios (the spread is this shared machine's load noise): "
@@ -291,7 +304,7 @@ def md_generation(r: dict[str, Any]) -> list[str]:
         [
             VARIANT_NAMES[k],
             _n(v[k]["tokens_per_s"]),
-            _x(ratio_single[k]),
+            _x(ratio_single.get(k)),
             _x(ratio_batched.get(k)),
             _x(ratio_cat.get(k)),
             _n(v[k]["rss_peak_mb"]),
@@ -621,6 +634,13 @@ def headline(results: dict[str, Any]) -> list[str]:
             f"training tokens/s, sorted micro-batches of {lg['micro_batch_size']}",
             "one padded batch (same loop)",
             lg.get("grouped_over_whole"),
+        )
+    at = tr.get("attention")
+    if isinstance(at, dict) and at["auto_kernel"] != "sdpa":
+        add(
+            f"training tokens/s, {at['auto_kernel']} attention (`auto`)",
+            "PyTorch's fused sdpa, same loop",
+            at["auto_over_sdpa"],
         )
     c = results.get("compile", {})
     if isinstance(c.get("steady"), dict):

@@ -14,6 +14,11 @@ same batch size, thread count and number of steps:
 * minimal: a bare ``loss.backward(); opt.step()`` loop on pre-collated batches (the floor
   for framework overhead).
 
+Every side trains with the attention kernel ours picks (``train.attention``: plain matmul
+attention on a CPU under bf16, sdpa otherwise), so the ratios are framework overhead; the
+kernel's own ratio is measured apart (``attention``: our loop at the pipeline's layout,
+``auto`` against ``sdpa``).
+
 Each side runs ``steps + 1`` steps; the first is warm-up. The sides alternate for
 ``rounds`` rounds and the median of per-round ratios is reported. MFU: model FLOPs
 (6 x params + attention, per token) x tokens/s over a dense-matmul peak measured in
@@ -44,11 +49,12 @@ from benchmarks.common import alternate, load_avg, matmul_peak, median_ratio  # 
 from selfcorrect.config import load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.loss import collate, weighted_lm_loss  # noqa: E402
-from selfcorrect.models import build_model, count_params  # noqa: E402
+from selfcorrect.models import build_model, count_params, resolve_attention  # noqa: E402
 from selfcorrect.tasks import get_task  # noqa: E402
 from selfcorrect.training import ExampleStream, LocalSession, run_training  # noqa: E402
 
 SIDES = ("ours", "trl", "minimal")
+CPU = torch.device("cpu")
 
 
 def _tokens(batch: list[dict[str, Any]]) -> float:
@@ -58,6 +64,7 @@ def _tokens(batch: list[dict[str, Any]]) -> float:
 def minimal_loop(cfg: Any, batches: list[list[dict[str, Any]]], bf16: bool) -> float:
     """Tokens/s of a bare PyTorch loop over pre-collated batches (first batch = warm-up)."""
     model, tok = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
+    model.set_attn_implementation(resolve_attention(cfg.train.attention, CPU, bf16))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     coll = [collate(b, tok.pad_token_id) for b in batches]
@@ -105,6 +112,7 @@ def trl_loop(cfg: Any, batches: list[list[dict[str, Any]]], bf16: bool, threads:
     from trl import SFTConfig, SFTTrainer
 
     model, tok = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
+    model.set_attn_implementation(resolve_attention(cfg.train.attention, CPU, bf16))
     flat = [e for b in batches for e in b]
     ds = Dataset.from_dict(
         {
@@ -241,6 +249,10 @@ def run(
             grouped_micro,
             whole_batch,
         )
+    if grouped_micro:
+        res["attention"] = attention_kernels(
+            config, task, method, prompts, steps, threads, rounds, overrides, grouped_micro
+        )
     if "fp32" in res and "bf16" in res:
         res["bf16_over_fp32_ours"] = (
             res["bf16"]["tokens_per_s"]["ours"] / res["fp32"]["tokens_per_s"]["ours"]
@@ -304,6 +316,45 @@ def length_grouping(
         "tokens_per_s": med,
         "rates": rates,
         "grouped_over_whole": median_ratio(rates, "grouped", "whole"),
+    }
+
+
+def attention_kernels(
+    config: str,
+    task: str,
+    method: str,
+    prompts: list[str],
+    steps: int,
+    threads: int,
+    rounds: int,
+    overrides: Sequence[str],
+    micro: int,
+) -> dict[str, Any]:
+    """Our loop at the pipeline's layout (micro-batches of ``micro``, the preset's bf16) with
+    ``train.attention=auto`` against ``sdpa``: the training kernel's own ratio."""
+    cfgs = {
+        k: bench_config(
+            config,
+            overrides,
+            steps,
+            threads,
+            f"train.micro_batch_size={micro}",
+            f"train.attention={k}",
+        )
+        for k in ("auto", "sdpa")
+    }
+    sides = {k: lambda c=c: ours_loop(c, task, method, prompts, steps) for k, c in cfgs.items()}
+    med, rates = alternate(sides, rounds)
+    from selfcorrect.models import resolve_bf16
+
+    bf16 = resolve_bf16(cfgs["auto"].train.bf16, CPU)
+    return {
+        "micro_batch_size": micro,
+        "bf16": bf16,
+        "auto_kernel": resolve_attention("auto", CPU, bf16),
+        "tokens_per_s": med,
+        "rates": rates,
+        "auto_over_sdpa": median_ratio(rates, "auto", "sdpa"),
     }
 
 

@@ -82,6 +82,7 @@ class DataConfig:
 
 # The names of selfcorrect.models.PRESETS (kept here so loading a config imports no torch).
 PRESET_NAMES = ("nano", "tiny", "tiny-deep", "small", "base", "0.5b")
+ATTENTION_KERNELS = ("auto", "sdpa", "eager")
 
 
 @dataclass
@@ -164,6 +165,14 @@ class TrainConfig:
         "short runs do not win back (BENCHMARKS.md)",
     )
     compile_pad_to: int = _f(32, "with compile: pad each micro-batch to a multiple of this")
+    attention: str = _f(
+        "auto",
+        "attention kernel for training (and GRPO's updates): auto | sdpa | eager. auto = eager "
+        "(plain matmul attention) on a CPU under bf16 autocast, where PyTorch's fused CPU "
+        "attention backward costs ~8x its forward and a step is ~1.25x faster without it "
+        "(BENCHMARKS.md); sdpa elsewhere (GPUs: fused kernels). Saved models load with sdpa "
+        "either way: it decides the training arithmetic, not the model",
+    )
     checkpoint_every: int = _f(200, "steps between Ray Train checkpoints (0 = only at the end)")
     max_failures: int = _f(2, "worker failures to survive by restoring the last checkpoint")
     injection_rate: float = _f(0.2, "fraction of traces with injected errors (eift, hybrid)")
@@ -223,6 +232,11 @@ class TrainConfig:
         )
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.compile_pad_to >= 1, "train.compile_pad_to", "must be >= 1")
+        _check(
+            self.attention in ATTENTION_KERNELS,
+            "train.attention",
+            f"must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}",
+        )
         _check(
             not self.compile or self.zero_stage == 0,
             "train.compile",

@@ -331,7 +331,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     """
     from selfcorrect.data import stream_rng
     from selfcorrect.generation import generate, generate_rollouts
-    from selfcorrect.models import load_model, resolve_bf16
+    from selfcorrect.models import load_model, resolve_attention, resolve_bf16
     from selfcorrect.tasks import get_task
     from selfcorrect.training import (
         Engine,
@@ -357,6 +357,7 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     else:
         device = torch.device("cpu")
     bf16 = resolve_bf16(cfg.train.bf16, device)
+    attention = resolve_attention(cfg.train.attention, device, bf16)
     torch.manual_seed(cfg.seed + rank)
 
     task_name = config["task"]
@@ -370,10 +371,11 @@ def run_grpo(config: dict[str, Any], session: Any) -> dict[str, Any]:
     eval_problems = [task.parse_prompt(p) for p in eval_prompts]
 
     init_dir = _local_model_dir(config["init_model_path"])
-    model, tok = build_training_model(cfg, init_dir)  # LoRA adapters if model.lora
+    model, tok = build_training_model(cfg, init_dir, attention)  # LoRA adapters if model.lora
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model.to(device)
     ref, _ = load_model(init_dir, device=device)
+    ref.set_attn_implementation(attention)  # the policy's arithmetic: KL 0 before any update
     ref.requires_grad_(False)
     engine = Engine(_engine_cfg(cfg, micro), model, world, n_micro, use_ray)
 

@@ -58,7 +58,7 @@ from selfcorrect.loss import (
     global_weight_sum,
     weighted_lm_loss,
 )
-from selfcorrect.models import resolve_bf16
+from selfcorrect.models import resolve_attention, resolve_bf16
 from selfcorrect.traces import Example, Span, build_example
 
 STATE_FILE = "trainer_state.json"
@@ -273,9 +273,12 @@ class RaySession:
 
 
 def build_training_model(
-    cfg: Config, init_model_path: str | None = None
+    cfg: Config, init_model_path: str | None = None, attention: str = "sdpa"
 ) -> tuple[torch.nn.Module, Any]:
     """Random-init preset (seeded), ``model.path``, or ``init_model_path``; LoRA if configured.
+
+    ``attention`` is the kernel the model trains with (``models.resolve_attention``); it is
+    not saved with the model, which loads with sdpa for generation.
 
     LoRA adapters go on the attention projections, and the embedding rows of InSeC's two
     tokens train too (peft's ``trainable_token_indices``): they may be new to a hub
@@ -296,6 +299,7 @@ def build_training_model(
         fit_embeddings(model, tok)
     else:
         model, tok = build_model(cfg.model.preset, cfg.model.max_length, cfg.seed)
+    model.set_attn_implementation(attention)
     if cfg.model.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -559,7 +563,8 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
     torch.manual_seed(cfg.seed + rank)
 
     bf16 = resolve_bf16(t.bf16, device)
-    model, tok = build_training_model(cfg, config.get("init_model_path"))
+    attention = resolve_attention(t.attention, device, bf16)
+    model, tok = build_training_model(cfg, config.get("init_model_path"), attention)
     model.to(device)
     engine = Engine(cfg, model, world, n_micro, use_ray)
     stream = ExampleStream(cfg, task_name, method, config["prompts"], tok, config.get("onpolicy"))

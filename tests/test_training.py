@@ -250,6 +250,38 @@ def test_bf16_autocast_trains_and_says_so_in_its_metrics(mul_prompts, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_the_attention_kernel_changes_the_arithmetic_not_the_update(mul_prompts, tmp_path):
+    """``train.attention``: plain matmul attention (CPU bf16's default) takes the fused
+    kernel's step, padding masks included, and the saved model still loads with sdpa."""
+    from selfcorrect.models import load_model, resolve_attention
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attention("auto", cpu, True) == "eager"
+    assert resolve_attention("auto", cpu, False) == "sdpa"
+    assert resolve_attention("auto", gpu, True) == "sdpa"
+    assert resolve_attention("sdpa", cpu, True) == "sdpa"
+    states = {}
+    for kernel in ("sdpa", "eager"):
+        cfg = _cfg("train.micro_batch_size=8", f"train.attention={kernel}", "train.bf16=false")
+        _, session = train_local(
+            cfg,
+            "multiplication",
+            "eift",
+            mul_prompts,
+            max_steps=3,
+            checkpoint_root=str(tmp_path / kernel),
+        )
+        states[kernel] = _final_state(session)
+        model, _ = load_model(os.path.join(session.latest, "model"))
+        assert model.config._attn_implementation == "sdpa"
+    init = build_model("nano", cfg.model.max_length, seed=cfg.seed)[0].state_dict()
+    for k in states["sdpa"]:
+        assert not torch.equal(states["eager"][k], init[k])  # it trained
+        torch.testing.assert_close(states["eager"][k], states["sdpa"][k], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ConfigError, match="train.attention.*auto, sdpa, eager"):
+        _cfg("train.attention=flash")
+
+
 def test_micro_batching_does_not_change_the_update(mul_prompts, tmp_path):
     """Global-batch normalisation: 1 x 16 and 4 x 4 micro-batches give the same step."""
     a = _final_state(
