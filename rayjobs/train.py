@@ -56,19 +56,36 @@ _NOT_IN_HASH = (
 
 # Models that train on clean traces only: no injection setting reaches them.
 CLEAN_METHODS = ("base", "ft")
+# Injection keys a method with error traces never reads (``traces.build_example``, and the
+# unlikelihood weight only ever reaches InSeC's <mistake> tokens): changing one keeps the
+# model. InSeC draws its own mistakes (p_mistake); EIFT reads neither p_mistake nor the
+# on-policy share; hybrid is EIFT plus the on-policy share.
+UNREAD_BY_METHOD: dict[str, tuple[str, ...]] = {
+    "eift": ("onpolicy_fraction", "p_mistake", "mistake_loss", "w_unlikelihood"),
+    "hybrid": ("p_mistake", "mistake_loss", "w_unlikelihood"),
+    "insec": (
+        "injection_rate",
+        "max_errors",
+        "error_placement",
+        "last_step_rate",
+        "onpolicy_fraction",
+    ),
+}
 
 
 def train_hash(cfg: Config, task: str, method: str, onpolicy_digest: str | None = None) -> str:
     """What a model depends on: seed, data, model, training settings, the method (and for
     hybrid the harvest settings and the content of the on-policy error table it reads).
-    Models trained on clean traces (base, FT) leave the injection settings out."""
+    Models trained on clean traces (base, FT) leave the injection settings out, and each
+    method the ones it never reads (``UNREAD_BY_METHOD``)."""
     d = cfg.clean_dict() if method in CLEAN_METHODS else cfg.to_dict()
+    skip = set(_NOT_IN_HASH) | set(UNREAD_BY_METHOD.get(method, ()))
     parts = {
         "seed": d["seed"],
         task: d[task],
         "data": d["data"],
         "model": d["model"],
-        "train": {k: v for k, v in d["train"].items() if k not in _NOT_IN_HASH},
+        "train": {k: v for k, v in d["train"].items() if k not in skip},
         # Only this task's base budget matters to this task's models.
         "base_steps": cfg.train.base_steps_by_task.get(task, cfg.train.base_steps),
         "method": method,

@@ -449,6 +449,50 @@ def test_injection_settings_stay_out_of_the_stages_that_never_see_an_error(tmp_p
     assert all(moved[k] == before[k] for k in before if k.startswith("multiplication/"))
 
 
+def test_a_method_keeps_its_model_when_only_settings_it_never_reads_change(mul_prompts):
+    """``UNREAD_BY_METHOD``: each listed key leaves the method's training stream unchanged
+    (so its hash may leave it out), and every other injection key changes the hash."""
+    from rayjobs.train import UNREAD_BY_METHOD, train_hash
+    from selfcorrect.config import INJECTION_KEYS
+
+    _, tok = build_model("nano", 256)
+    task = get_task("multiplication", digits_a=2, digits_b=2)
+    first = task.golden_steps(task.parse_prompt(mul_prompts[0]))[0]
+    wrong = first[:-1] + str((int(first[-1]) + 1) % 10)  # the first step, last digit off
+    hybrid_records = [
+        {"prompt": mul_prompts[0], "prefix_steps": [], "wrong_step": wrong, "error_type": "digit"}
+    ]
+
+    def stream_cfg(*ov: str):
+        return _cfg("train.injection_rate=0.3", "train.error_placement=step", *ov)
+
+    def stream(method: str, *ov: str) -> list[dict[str, np.ndarray]]:
+        onpolicy = hybrid_records if method == "hybrid" else None
+        s = ExampleStream(stream_cfg(*ov), "multiplication", method, mul_prompts, tok, onpolicy)
+        return [e for step in range(3) for e in s.local_batch(step, 0, 1)]
+
+    changed = {
+        k.split("=")[0].split(".")[1]: k for k in _INJECTION_CHANGED if k.startswith("train.")
+    }
+    changed["error_placement"] = "train.error_placement=trace"  # the base above uses step
+    changed["last_step_rate"] = "train.last_step_rate=0.9"
+    for method, unread in UNREAD_BY_METHOD.items():
+        ref = stream(method)
+        for key in unread:
+            ov = [changed[key]]
+            if key == "error_placement":
+                ov.append("train.last_step_rate=null")
+            other = stream(method, *ov)
+            assert len(other) == len(ref)
+            for x, y in zip(ref, other, strict=True):
+                assert x.keys() == y.keys(), (method, key)
+                assert all(np.array_equal(x[k], y[k]) for k in x), (method, key)
+        base = train_hash(stream_cfg(), "multiplication", method)
+        for key in INJECTION_KEYS["train"]:
+            moved = train_hash(stream_cfg(changed[key]), "multiplication", method) != base
+            assert moved == (key not in unread), (method, key)
+
+
 def test_injection_settings_change_neither_the_data_nor_the_ft_model(mul_prompts, tmp_path):
     """What the hashes above rely on: FT and the data are the same to the bit."""
     from selfcorrect.config import load_config as load
