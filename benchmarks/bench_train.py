@@ -49,7 +49,12 @@ from benchmarks.common import alternate, load_avg, matmul_peak, median_ratio  # 
 from selfcorrect.config import load_config  # noqa: E402
 from selfcorrect.data import make_splits  # noqa: E402
 from selfcorrect.loss import collate, weighted_lm_loss  # noqa: E402
-from selfcorrect.models import build_model, count_params, resolve_attention  # noqa: E402
+from selfcorrect.models import (  # noqa: E402
+    build_model,
+    count_params,
+    resolve_attention,
+    resolve_bf16,
+)
 from selfcorrect.tasks import get_task  # noqa: E402
 from selfcorrect.training import ExampleStream, LocalSession, run_training  # noqa: E402
 
@@ -237,22 +242,33 @@ def run(
         res["params"] = count_params(model)
         res["preset"] = cfg.model.preset
     if grouped_micro:
-        res["length_grouped"] = length_grouping(
-            config,
-            task,
-            method,
-            prompts,
-            steps,
-            threads,
-            rounds,
-            overrides,
-            grouped_micro,
-            whole_batch,
+        ours = (config, task, method, prompts, steps, threads, rounds, overrides)
+        micro = f"train.micro_batch_size={grouped_micro}"
+        # Length-sorted micro-batches against the whole batch padded to its longest row: same
+        # examples, same update, bf16 where the CPU has it (the presets' ``auto``).
+        med, rates = our_loop_variants(
+            {"grouped": [micro], "whole": [f"train.micro_batch_size={whole_batch}"]}, *ours
         )
-    if grouped_micro:
-        res["attention"] = attention_kernels(
-            config, task, method, prompts, steps, threads, rounds, overrides, grouped_micro
+        res["length_grouped"] = {
+            "micro_batch_size": grouped_micro,
+            "batch_size": whole_batch,
+            "tokens_per_s": med,
+            "rates": rates,
+            "grouped_over_whole": median_ratio(rates, "grouped", "whole"),
+        }
+        # The training kernel's own ratio at the pipeline's layout: auto against sdpa.
+        med, rates = our_loop_variants(
+            {k: [micro, f"train.attention={k}"] for k in ("auto", "sdpa")}, *ours
         )
+        bf16 = resolve_bf16(base.train.bf16, CPU)
+        res["attention"] = {
+            "micro_batch_size": grouped_micro,
+            "bf16": bf16,
+            "auto_kernel": resolve_attention("auto", CPU, bf16),
+            "tokens_per_s": med,
+            "rates": rates,
+            "auto_over_sdpa": median_ratio(rates, "auto", "sdpa"),
+        }
     if "fp32" in res and "bf16" in res:
         res["bf16_over_fp32_ours"] = (
             res["bf16"]["tokens_per_s"]["ours"] / res["fp32"]["tokens_per_s"]["ours"]
@@ -288,7 +304,8 @@ def bench_prompts(cfg: Any, task: str) -> list[str]:
     return make_splits(t, 2000, 10, cfg.seed)["train"].column("prompt").to_pylist()
 
 
-def length_grouping(
+def our_loop_variants(
+    variants: dict[str, Sequence[str]],
     config: str,
     task: str,
     method: str,
@@ -297,65 +314,12 @@ def length_grouping(
     threads: int,
     rounds: int,
     overrides: Sequence[str],
-    micro: int,
-    whole_batch: int,
-) -> dict[str, Any]:
-    """Our loop with micro-batches of ``micro`` cut from the length-sorted batch against the
-    same loop with the whole batch in one micro-batch (every row padded to the longest):
-    same examples, same update, bf16 where the CPU has it (the presets' ``auto``)."""
-    whole = bench_config(config, overrides, steps, threads, f"train.micro_batch_size={whole_batch}")
-    grouped = bench_config(config, overrides, steps, threads, f"train.micro_batch_size={micro}")
-    sides = {
-        "grouped": lambda: ours_loop(grouped, task, method, prompts, steps),
-        "whole": lambda: ours_loop(whole, task, method, prompts, steps),
-    }
-    med, rates = alternate(sides, rounds)
-    return {
-        "micro_batch_size": micro,
-        "batch_size": whole_batch,
-        "tokens_per_s": med,
-        "rates": rates,
-        "grouped_over_whole": median_ratio(rates, "grouped", "whole"),
-    }
-
-
-def attention_kernels(
-    config: str,
-    task: str,
-    method: str,
-    prompts: list[str],
-    steps: int,
-    threads: int,
-    rounds: int,
-    overrides: Sequence[str],
-    micro: int,
-) -> dict[str, Any]:
-    """Our loop at the pipeline's layout (micro-batches of ``micro``, the preset's bf16) with
-    ``train.attention=auto`` against ``sdpa``: the training kernel's own ratio."""
-    cfgs = {
-        k: bench_config(
-            config,
-            overrides,
-            steps,
-            threads,
-            f"train.micro_batch_size={micro}",
-            f"train.attention={k}",
-        )
-        for k in ("auto", "sdpa")
-    }
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Our loop once per variant (its extra overrides), alternating per round, on the same
+    examples: median tokens/s and per-round rates by variant."""
+    cfgs = {k: bench_config(config, overrides, steps, threads, *x) for k, x in variants.items()}
     sides = {k: lambda c=c: ours_loop(c, task, method, prompts, steps) for k, c in cfgs.items()}
-    med, rates = alternate(sides, rounds)
-    from selfcorrect.models import resolve_bf16
-
-    bf16 = resolve_bf16(cfgs["auto"].train.bf16, CPU)
-    return {
-        "micro_batch_size": micro,
-        "bf16": bf16,
-        "auto_kernel": resolve_attention("auto", CPU, bf16),
-        "tokens_per_s": med,
-        "rates": rates,
-        "auto_over_sdpa": median_ratio(rates, "auto", "sdpa"),
-    }
+    return alternate(sides, rounds)
 
 
 def main() -> None:
