@@ -15,7 +15,8 @@ Why our own loop over a KV ``cache`` instead of ``model.generate``:
 * prompts are sorted by length before batching, so little compute goes on padding;
 * the KV cache is preallocated for the prompt plus ``max_new_tokens`` and written in place
   (``_preallocated_cache_class``): transformers' ``DynamicCache`` appends with ``torch.cat``,
-  which copies the whole cache at every token (2.45x tokens/s at the eval's batch of 128).
+  which copies the whole cache at every token (2.57x tokens/s at the eval's batch of 128,
+  ``BENCHMARKS.md``).
 
 ``benchmarks/bench_generation.py`` compares it with HF ``generate`` (batched and
 one prompt at a time) on the same model.
