@@ -6,8 +6,9 @@ Same random-init model, same prompts (4x4-digit multiplication), greedy, CPU, sa
 thread count. Variants: HF ``model.generate`` one prompt at a time (the baseline),
 HF ``model.generate`` batched with default settings, ``selfcorrect.generation.generate``
 batched, and the same loop over transformers' ``DynamicCache`` (which appends each token's
-keys and values with ``torch.cat``) instead of its preallocated cache. Throughput does not depend on what an untrained model writes, only on how
-many tokens, so every variant counts the tokens it actually generated.
+keys and values with ``torch.cat``) instead of its preallocated cache. Throughput does not
+depend on what an untrained model writes, only on how many tokens, so every variant counts
+the tokens it actually generated.
 
 Each variant runs in a fresh subprocess per round (rounds alternate the variants), so
 its peak resident memory (``VmHWM``) is that variant's own; the report gives it and its
