@@ -14,6 +14,7 @@ from selfcorrect.tasks import (
     MalformedProblemError,
     Multiplication,
     Sudoku,
+    applicable_types,
     applicable_weights,
     classify_error,
     error_probability,
@@ -317,6 +318,36 @@ def test_sudoku_next_cell_share_moves_invalid_errors_to_the_golden_next_cell():
         ]
     with pytest.raises(ValueError, match="next_cell_share"):
         Sudoku(next_cell_share=1.5)
+
+
+@prop
+@given(seed=seeds)
+def test_multiplications_applicable_types_are_the_enumerations_support(seed):
+    """The shortcut the training stream uses gives exactly the types whose enumerated
+    distribution is non-empty, along traces that committed wrong steps too (negative values
+    included), so the same seed still draws the same errors."""
+    rng = np.random.default_rng(seed)
+    for task in (Multiplication(4, 4), Multiplication(2, 2), Multiplication(1, 1)):
+        state = task.initial_state(task.sample_problem(rng))
+        while True:
+            support = {t for t, d in task.type_distributions(state).items() if d}
+            assert task.applicable_types(state) == support
+            assert applicable_types(task, state) == support
+            if task.is_done(state):
+                assert support == set()
+                break
+            if rng.random() < 0.5:
+                step, _ = sample_error(task, state, rng, {"int_100": 1.0})  # may go negative
+            else:
+                step = task.correct_steps(state)[0]
+            state = task.apply_step(state, step)
+    # A sum whose written parts went negative: only the integer shifts apply.
+    mul = Multiplication(2, 2)
+    state = mul.initial_state(mul.parse_prompt("11*11"))
+    for step in ("11*1=-89", "11*10=10"):
+        state = mul.apply_step(state, step)
+    assert mul.applicable_types(state) == {"int_10", "int_100"}
+    assert {t for t, d in mul.type_distributions(state).items() if d} == {"int_10", "int_100"}
 
 
 def test_error_probability_of_mixture_sums_to_one():

@@ -69,13 +69,27 @@ class Task(Protocol):
 # ---------------------------------------------------------------------------
 
 
+def applicable_types(task: Task, state: Any) -> set[str]:
+    """The error types that can produce a wrong step at ``state``: those whose
+    ``type_distributions`` entry is non-empty.
+
+    A task may define ``applicable_types(state)`` itself, to answer without enumerating every
+    injector's outcomes (the training stream asks at every step of every trace); it must
+    give the same set (multiplication's is tested against the enumeration).
+    """
+    own = getattr(task, "applicable_types", None)
+    if own is not None:
+        return own(state)
+    return {t for t, dist in task.type_distributions(state).items() if dist}
+
+
 def applicable_weights(
     task: Task, state: Any, weights: dict[str, float] | None = None
 ) -> dict[str, float]:
     """Type weights renormalised over the types that can produce an error at ``state``."""
-    dists = task.type_distributions(state)
+    types = applicable_types(task, state)
     raw = {t: (1.0 if weights is None else float(weights.get(t, 0.0))) for t in task.error_types}
-    live = {t: w for t, w in raw.items() if w > 0 and dists.get(t)}
+    live = {t: w for t, w in raw.items() if w > 0 and t in types}
     total = sum(live.values())
     if total == 0:
         return {}

@@ -198,6 +198,19 @@ class Multiplication:
     def decode_step(self, state: MulState, code: int) -> str:
         return f"{_lhs_text(state.expected_lhs())}={int(code)}"
 
+    def applicable_types(self, state: MulState) -> set[str]:
+        """The types whose ``type_distributions`` entry is non-empty, without enumerating them:
+        the training stream asks at every step of every trace, and the enumeration was ~8% of
+        a multiplication EIFT step."""
+        if self.is_done(state):
+            return set()
+        lhs = state.expected_lhs()
+        t = _true_value(lhs)
+        out = {"int_10", "int_100"} | ({"carry"} if _carries(lhs) else set())
+        if t >= 0:  # every digit has another value and a close one; pairs need two digits
+            out |= {"digit", "digit_close"} | ({"two_digits"} if t >= 10 else set())
+        return out
+
     def type_distributions(self, state: MulState) -> dict[str, dict[int, float]]:
         """Exact distribution of each injector over results, by enumeration."""
         if self.is_done(state):
