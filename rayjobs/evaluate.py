@@ -150,6 +150,24 @@ def _n_blocks(n_rows: int, ev: Any) -> int:
     return max(1, min(math.ceil(n_rows / ev.batch_size), 4 * ev.num_actors))
 
 
+def by_length(feed: list[dict[str, Any]], *text: str) -> list[dict[str, Any]]:
+    """The feed grouped by model (in order of first appearance) and temperature, shortest
+    text first within a group. Ray Data cuts consecutive rows into batches, and a batch
+    pads to its longest row (left for generation, right for scoring): in item order a
+    sudoku eval batch was ~40% padding; sorted, ~8%. Rows are matched back by ``key``."""
+    first: dict[Any, int] = {}
+    for r in feed:
+        first.setdefault(r.get("model_path"), len(first))
+    return sorted(
+        feed,
+        key=lambda r: (
+            first[r.get("model_path")],
+            r.get("temperature", 0.0),
+            sum(len(r[c]) for c in text),
+        ),
+    )
+
+
 def generate_completions(
     cfg: Config, model_path: str | None, rows: list[dict[str, Any]]
 ) -> list[str]:
@@ -172,6 +190,7 @@ def generate_completions(
         | ({} if model_path is not None else {"model_path": _local(r["model_path"])})
         for i, r in enumerate(rows)
     ]
+    feed = by_length(feed, "prefix")
     console.add_total(len(feed))  # the stage's progress bar counts generated rows
     ds = map_generate(
         ray.data.from_items(feed, override_num_blocks=_n_blocks(len(feed), ev)),
@@ -231,6 +250,7 @@ def add_step_surprise(
         }
         for i, (name, p, s) in enumerate(keys)
     ]
+    feed = by_length(feed, "prefix", "step")
     console.add_total(len(feed))
     ds = map_step_surprise(
         ray.data.from_items(feed, override_num_blocks=_n_blocks(len(feed), ev)),

@@ -616,3 +616,35 @@ def test_every_error_row_is_paired_with_the_right_value_for_its_target(case):
     text = lines(*case["prefix"], case["wrong"], R, case["fix"], *case["rest"], answer)
     own = [r for r in score_items(task, [free], [text]) if r["condition"] == "own_errors"]
     assert own and all(r["paired_step"] in (r["gold_step"], None) for r in own)
+
+
+def test_the_generation_feed_goes_by_model_then_temperature_then_length():
+    """Ray Data batches consecutive rows: the feed keeps each model's rows together (an actor
+    holds one model at a time) and puts rows of like length side by side, losing none."""
+    from rayjobs.evaluate import by_length
+
+    feed = [
+        {"key": i, "model_path": m, "temperature": t, "prefix": "x" * n}
+        for i, (m, t, n) in enumerate(
+            [
+                ("b", 0.0, 9),
+                ("a", 0.7, 1),
+                ("b", 0.0, 3),
+                ("a", 0.0, 5),
+                ("b", 0.7, 2),
+                ("a", 0.0, 2),
+            ]
+        )
+    ]
+    out = by_length(feed, "prefix")
+    assert sorted(r["key"] for r in out) == list(range(len(feed)))
+    assert [(r["model_path"], r["temperature"], len(r["prefix"])) for r in out] == [
+        ("b", 0.0, 3),
+        ("b", 0.0, 9),
+        ("b", 0.7, 2),
+        ("a", 0.0, 2),
+        ("a", 0.0, 5),
+        ("a", 0.7, 1),
+    ]
+    scored = [{"key": 0, "prefix": "ab", "step": "cdef"}, {"key": 1, "prefix": "abcd", "step": "e"}]
+    assert [r["key"] for r in by_length(scored, "prefix", "step")] == [1, 0]
