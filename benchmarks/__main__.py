@@ -75,7 +75,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             "coverage": dict(
                 errors=10, samples=500, naive_errors=1, naive_samples=200, rounds=1, ray_cpus=0
             ),
-            "eval": dict(models=2, problems=4, rounds=1, cpus=threads),
+            "eval": dict(models=2, problems=4, rounds=1, cpus=threads, scoring_rows=256),
             "tune": dict(trials=1, steps=2, rounds=1, cpus=threads),
             "examples": dict(
                 batches=1, steps=1, rounds=1, methods=("eift",), overrides=["model.preset=nano"]
@@ -426,7 +426,41 @@ def md_eval(r: dict[str, Any]) -> list[str]:
         ("one pass", _n(g["one_pass"], 1), _n(sec["one_pass"], 1)),
         r["one_pass_over_per_model"],
     )
-    return lines + ["", f"Per-round ratios: {per}."]
+    lines += ["", f"Per-round ratios: {per}."]
+    if "item_order" in g:
+        lines += [
+            "",
+            "Feed order: the one pass with its generation and scoring feeds in item order "
+            f"ran at {_n(g['item_order'], 1)} generations/s against {_n(g['one_pass'], 1)} "
+            f"sorted by length (`rayjobs.evaluate.by_length`): "
+            f"{_x(r['sorted_over_item_order'])} (same rows; random-initialised models "
+            "write to the token cap, so prompt padding is a small share here).",
+        ]
+    sc = r.get("scoring")
+    if sc:
+        v = sc["rows_per_s"]
+        lines += [
+            "",
+            f"Scoring pass (`generation.step_scores`) on the `tiny` preset's eval items "
+            f"({', '.join(sc['tasks'])}: {sc['rows']:,} synthetic wrong steps and their gold "
+            "steps, a random-initialised `tiny` model: teacher forcing costs the same whatever "
+            "the weights), in Ray Data batches of 128 consecutive rows, one thread:",
+            "",
+        ]
+        lines += _table(
+            ["feed", "forward batch", "rows/s", "over item order, 128"],
+            [
+                ["item order (before)", "128", _n(v["items_128"], 1), ""],
+                ["sorted by length", "128", _n(v["sorted_128"], 1), _x(sc["sorted_over_items"])],
+                [
+                    "sorted by length",
+                    "32 (a CPU actor's)",
+                    _n(v["sorted_32"], 1),
+                    _x(sc["both_over_before"]),
+                ],
+            ],
+        )
+    return lines
 
 
 def md_tune(r: dict[str, Any]) -> list[str]:
@@ -460,7 +494,10 @@ def md_examples(r: dict[str, Any]) -> list[str]:
         "pass (`ExampleStream.local_batch`: traces, injected errors, tokenisation, per-token "
         f"loss weights) on `{r['config']}`, {r['threads']} thread(s). Token weights: "
         "`token_weights` (vectorised) against `token_weights_reference` (the per-token rule) "
-        f"on the same encoded examples, {r['rounds']} alternating rounds. Share: seconds to "
+        f"on the same encoded examples, {r['rounds']} alternating rounds. Which error types "
+        "apply: the same batches built with the task's own `applicable_types` against the "
+        "enumeration of every injector's outcomes (`type_distributions`; tasks without a "
+        "shortcut run the same code on both sides), checked identical first. Share: seconds to "
         f"build one batch over the median `run_training` step ({r['steps']} steps after a "
         "warm-up; a step includes its build).",
         "",
@@ -472,6 +509,7 @@ def md_examples(r: dict[str, Any]) -> list[str]:
             _n(x["weights_examples_per_s"]["reference"]),
             _n(x["weights_examples_per_s"]["vectorised"]),
             _x(x["weights_vectorised_over_reference"]),
+            _x(x["build_over_enumerated"]) if "build_over_enumerated" in x else "-",
             _n(x["build_s"], 3),
             _n(x["step_s"], 2),
             f"{100 * x['build_share']:.1f}%",
@@ -485,6 +523,7 @@ def md_examples(r: dict[str, Any]) -> list[str]:
             "reference examples/s",
             "vectorised examples/s",
             "vectorised / reference",
+            "batch build, own applicable types / enumerated",
             "build s per batch",
             "step s",
             "build share of a step",
@@ -658,6 +697,12 @@ def headline(results: dict[str, Any]) -> list[str]:
             "per-token reference",
             row["weights_vectorised_over_reference"],
         )
+        if row.get("own_applicable_types"):
+            add(
+                f"training batches built/s, {row['task']} {row['method']}",
+                "every injector enumerated to find the types that apply",
+                row["build_over_enumerated"],
+            )
     g = results.get("generation", {})
     if "ours_over_single" in g:
         add("generation tokens/s", "HF generate, one at a time", g["ours_over_single"])
@@ -674,6 +719,12 @@ def headline(results: dict[str, Any]) -> list[str]:
             f"eval generations/s, {e['models']} models",
             "one actor pool per model",
             e["one_pass_over_per_model"],
+        )
+    if "scoring" in e:
+        add(
+            "eval scoring rows/s, sorted feed, forward batch 32",
+            "item order, forward batch 128",
+            e["scoring"]["both_over_before"],
         )
     tu = results.get("tune", {})
     if "in_trial_over_ray_train" in tu:

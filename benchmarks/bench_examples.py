@@ -9,6 +9,10 @@ path. Measured here, per task and method, in this one run:
 * **token weights**: ``selfcorrect.loss.token_weights`` (vectorised over the tokens) against
   ``token_weights_reference`` (the per-token rule) on the same encoded examples, alternating
   per round: the ratio;
+* **which error types apply**: the same batches built with the task's own
+  ``applicable_types`` (multiplication's shortcut) against the enumeration of every
+  injector's outcomes (``type_distributions``, what every task falls back on), alternating
+  per round: the ratio; the two batches are checked identical first;
 * **share of a step**: seconds to build one batch against the seconds of a training step on
   the preset's model (``run_training`` in one process, its own step timing, which includes
   the build): what the batch costs the loop.
@@ -51,6 +55,26 @@ def _encoded(stream: ExampleStream, batches: int) -> list[tuple[Any, Any]]:
     return out
 
 
+class _Enumerated:
+    """The task without its own ``applicable_types``: the enumeration answers (the baseline)."""
+
+    def __init__(self, task: Any) -> None:
+        self._task = task
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "applicable_types":
+            raise AttributeError(name)
+        return getattr(self._task, name)
+
+
+def _same_batches(a: ExampleStream, b: ExampleStream, steps: int) -> bool:
+    for s in range(steps):
+        for x, y in zip(a.local_batch(s, 0, 1), b.local_batch(s, 0, 1), strict=True):
+            if x.keys() != y.keys() or any((x[k] != y[k]).any() for k in x):
+                return False
+    return True
+
+
 def step_seconds(cfg: Any, task: str, method: str, prompts: list[str], steps: int) -> float:
     """Median seconds of a ``run_training`` step (first step = warm-up, not counted)."""
     times = sorted(r["step_s"] for r in step_reports(cfg, task, method, prompts, steps))
@@ -77,11 +101,19 @@ def run(
             stream = ExampleStream(base, task, method, prompts, tok)
             stream.local_batch(0, 0, 1)  # warm: parsed problems are cached by the stream
 
-            def build(stream: ExampleStream = stream) -> float:
-                t0 = time.perf_counter()
-                for s in range(batches):
-                    stream.local_batch(s, 0, 1)
-                return batches / (time.perf_counter() - t0)  # batches per second
+            enumerated = ExampleStream(base, task, method, prompts, tok)
+            enumerated.task = _Enumerated(enumerated.task)
+            if not _same_batches(stream, enumerated, 2):
+                raise AssertionError(f"{task}/{method}: applicable_types changed the batches")
+
+            def builder(stream: ExampleStream) -> Any:
+                def build() -> float:
+                    t0 = time.perf_counter()
+                    for s in range(batches):
+                        stream.local_batch(s, 0, 1)
+                    return batches / (time.perf_counter() - t0)  # batches per second
+
+                return build
 
             enc = _encoded(stream, 2)
             w = stream.weights
@@ -99,7 +131,8 @@ def run(
                 {
                     "vectorised": weights_side(token_weights),
                     "reference": weights_side(token_weights_reference),
-                    "build": build,
+                    "build": builder(stream),
+                    "build_enumerated": builder(enumerated),
                 },
                 rounds,
             )
@@ -116,6 +149,8 @@ def run(
                     "weights_vectorised_over_reference": median_ratio(
                         rates, "vectorised", "reference"
                     ),
+                    "own_applicable_types": hasattr(stream.task, "applicable_types"),
+                    "build_over_enumerated": median_ratio(rates, "build", "build_enumerated"),
                 }
             )
             print(f"[examples] {res['rows'][-1]}", flush=True)

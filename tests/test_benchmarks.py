@@ -29,6 +29,8 @@ def test_runner_writes_machine_line_and_ratio_table(tmp_path: Path) -> None:
     assert "| task | reference samples/s | vectorised samples/s | vectorised / reference" in text
     assert "| multiplication |" in text and "| sudoku |" in text
     assert "| multiplication | eift |" in text and "| token loss weights/s, sudoku eift |" in text
+    assert "| training batches built/s, multiplication eift |" in text  # own applicable types
+    assert "| training batches built/s, sudoku eift |" not in text  # no shortcut to compare
     assert "Not measured in this run" in text  # no tiny run manifest given
     assert "## Notes" in text  # hand-written notes appended
 
