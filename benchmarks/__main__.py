@@ -76,7 +76,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
                 errors=10, samples=500, naive_errors=1, naive_samples=200, rounds=1, ray_cpus=0
             ),
             "eval": dict(models=2, problems=4, rounds=1, cpus=threads, scoring_rows=256),
-            "tune": dict(trials=1, steps=2, rounds=1, cpus=threads),
+            "tune": dict(trials=2, steps=2, rounds=1, cpus=threads),
             "examples": dict(
                 batches=1, steps=1, rounds=1, methods=("eift",), overrides=["model.preset=nano"]
             ),
@@ -95,7 +95,7 @@ def _params(quick: bool, threads: int) -> dict[str, dict[str, Any]]:
             errors=100, samples=10_000, naive_errors=2, naive_samples=500, rounds=3, ray_cpus=2
         ),
         "eval": dict(models=5, problems=20, rounds=3, cpus=threads),
-        "tune": dict(trials=2, steps=20, rounds=2, cpus=threads),
+        "tune": dict(trials=3, steps=20, rounds=2, cpus=threads),
         "examples": dict(batches=10, steps=3, rounds=3, threads=1),
     }
 
@@ -475,17 +475,41 @@ def md_tune(r: dict[str, Any]) -> list[str]:
         f"{r['cpus']} CPUs, everything the sweep does included. Ray Train: a `TorchTrainer` run "
         "per trial, then an evaluation task (`tune.trainer=ray_train`). In the trial: the trial's "
         "own process runs the same loop and evaluation (`tune.trainer=in_trial`, what `auto` "
-        "picks for one CPU worker). Both gave the same validation losses and model weights. "
+        "picks for one CPU worker). In the trial, a process per trial: the same with "
+        "`tune.reuse_actors=false` (each trial in a fresh Ray actor process; the default reuses "
+        "a finished trial's process). Every side gave the same model weights. "
         f"{r['rounds']} alternating rounds after a warm-up round.",
         "",
     ]
-    lines += _pair_table(
-        ["side", "trials/min", "s per trial", "in the trial / Ray Train"],
-        ("Ray Train run per trial", _n(tpm["ray_train"], 2), _n(sec["ray_train"], 1)),
-        ("in the trial", _n(tpm["in_trial"], 2), _n(sec["in_trial"], 1)),
-        r["in_trial_over_ray_train"],
+    if "in_trial_fresh_process" not in tpm:  # results from before the third side
+        lines += _pair_table(
+            ["side", "trials/min", "s per trial", "in the trial / Ray Train"],
+            ("Ray Train run per trial", _n(tpm["ray_train"], 2), _n(sec["ray_train"], 1)),
+            ("in the trial", _n(tpm["in_trial"], 2), _n(sec["in_trial"], 1)),
+            r["in_trial_over_ray_train"],
+        )
+        return lines + ["", f"Per-round ratios: {per}."]
+    lines += _table(
+        ["side", "trials/min", "s per trial", "over Ray Train", "over a process per trial"],
+        [
+            ["Ray Train run per trial", _n(tpm["ray_train"], 2), _n(sec["ray_train"], 1), "", ""],
+            [
+                "in the trial, a process per trial",
+                _n(tpm["in_trial_fresh_process"], 2),
+                _n(sec["in_trial_fresh_process"], 1),
+                "",
+                "",
+            ],
+            [
+                "in the trial, processes reused (default)",
+                _n(tpm["in_trial"], 2),
+                _n(sec["in_trial"], 1),
+                _x(r["in_trial_over_ray_train"]),
+                _x(r["reused_over_fresh_process"]),
+            ],
+        ],
     )
-    return lines + ["", f"Per-round ratios: {per}."]
+    return lines + ["", f"Per-round ratios, in the trial / Ray Train: {per}."]
 
 
 def md_examples(r: dict[str, Any]) -> list[str]:
@@ -732,6 +756,12 @@ def headline(results: dict[str, Any]) -> list[str]:
             "tune trials/min, one CPU worker",
             "a Ray Train run per trial",
             tu["in_trial_over_ray_train"],
+        )
+    if "reused_over_fresh_process" in tu:
+        add(
+            "tune trials/min, trial processes reused",
+            "a fresh process per trial",
+            tu["reused_over_fresh_process"],
         )
     gr = results.get("grpo", {})
     if "step_time_trl_over_ours" in gr:

@@ -1,7 +1,7 @@
 """The tune stage's trials: the training loop in the trial's own process, against one Ray Train
 run per trial as the stage ran before.
 
-    python benchmarks/bench_tune.py [--trials 2] [--steps 20] [--rounds 2] [--cpus 2]
+    python benchmarks/bench_tune.py [--trials 3] [--steps 20] [--rounds 2] [--cpus 2]
 
 A sweep of ``--trials`` injection rates on multiplication (the `tiny` preset's model and
 training settings, ``tune.init=scratch``, ``--steps`` steps a trial, one trial at a time as
@@ -9,10 +9,12 @@ in the pipeline when a sweep runs beside another step) on a local Ray, from data
 
 * ray_train: ``tune.trainer=ray_train``: each trial drives a ``TorchTrainer`` run (a controller
   and a worker process), then evaluates in a Ray task;
-* in_trial: ``tune.trainer=in_trial``: the trial's process runs the same loop and evaluation.
+* in_trial: ``tune.trainer=in_trial``: the trial's process runs the same loop and evaluation;
+* in_trial, a process per trial: the same with ``tune.reuse_actors=false`` (every trial in a
+  fresh Ray actor process, as the stage ran before it reused them).
 
 Reports trials per minute, all the sweep does included (``rayjobs.tune.sweep``: Tuner, trials,
-results table). Both sides must give the same model weights, to the bit (checked on the
+results table). Every side must give the same model weights, to the bit (checked on the
 first round, which is also the warm-up).
 """
 
@@ -33,12 +35,17 @@ sys.path.insert(0, REPO)
 from benchmarks.common import alternate, median_ratio  # noqa: E402
 
 TASK = "multiplication"
-SIDES = ("ray_train", "in_trial")
+SIDES = {  # side -> (tune.trainer, tune.reuse_actors)
+    "ray_train": ("ray_train", True),
+    "in_trial": ("in_trial", True),
+    "in_trial_fresh_process": ("in_trial", False),
+}
 
 
-def _config(trainer: str, trials: int, steps: int) -> Any:
+def _config(side: str, trials: int, steps: int) -> Any:
     from selfcorrect.config import load_config
 
+    trainer, reuse = SIDES[side]
     rates = [round(0.1 * (i + 1), 2) for i in range(trials)]
     return load_config(
         os.path.join(REPO, "configs", "tiny.yaml"),
@@ -52,6 +59,7 @@ def _config(trainer: str, trials: int, steps: int) -> Any:
             "tune.eval_problems=20",
             "tune.val_examples=32",
             f"tune.trainer={trainer}",
+            f"tune.reuse_actors={str(reuse).lower()}",
         ],
     )
 
@@ -62,7 +70,7 @@ def _weights(path: str) -> dict[str, Any]:
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def run(trials: int = 2, steps: int = 20, rounds: int = 2, cpus: int = 2) -> dict[str, Any]:
+def run(trials: int = 3, steps: int = 20, rounds: int = 2, cpus: int = 2) -> dict[str, Any]:
     import ray
     import torch
 
@@ -76,28 +84,31 @@ def run(trials: int = 2, steps: int = 20, rounds: int = 2, cpus: int = 2) -> dic
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[str]] = {s: [] for s in SIDES}
 
-    def side(trainer: str) -> float:
-        out = os.path.join(root, f"{trainer}-{len(runs[trainer])}")
+    def side(name: str) -> float:
+        out = os.path.join(root, f"{name}-{len(runs[name])}")
         shutil.copytree(data_dir, out)  # a fresh sweep: nothing to restore or skip
-        runs[trainer].append(out)
+        runs[name].append(out)
         t = time.perf_counter()
-        df = tune_job.sweep(_config(trainer, trials, steps), TASK, out)
+        df = tune_job.sweep(_config(name, trials, steps), TASK, out)
         seconds = time.perf_counter() - t
         if not (df["status"] == "done").all():
-            raise AssertionError(f"{trainer}: trials failed: {df[['status', 'error']]}")
+            raise AssertionError(f"{name}: trials failed: {df[['status', 'error']]}")
         return 60 * len(df) / seconds
 
     try:
         first = {s: side(s) for s in SIDES}  # warm-up: imports, Ray's worker pool, file caches
         same = {}
         for name in sorted(os.listdir(os.path.join(runs["ray_train"][0], TASK, "tune", "trials"))):
-            a, b = (
+            ref, *others = (
                 _weights(os.path.join(runs[s][0], TASK, "tune", "trials", name, "model"))
                 for s in SIDES
             )
-            same[name] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            same[name] = all(
+                b.keys() == ref.keys() and all(torch.equal(ref[k], b[k]) for k in ref)
+                for b in others
+            )
         if not all(same.values()):
-            raise AssertionError(f"the two trainers trained different models: {same}")
+            raise AssertionError(f"the sides trained different models: {same}")
         med, rates = alternate({s: lambda s=s: side(s) for s in SIDES}, rounds)
     finally:
         ray.shutdown()
@@ -113,13 +124,14 @@ def run(trials: int = 2, steps: int = 20, rounds: int = 2, cpus: int = 2) -> dic
         "rates": rates,
         "seconds_per_trial": {k: 60 / v for k, v in med.items()},
         "in_trial_over_ray_train": median_ratio(rates, "in_trial", "ray_train"),
+        "reused_over_fresh_process": median_ratio(rates, "in_trial", "in_trial_fresh_process"),
         "same_models": True,
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=2)
+    p.add_argument("--trials", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cpus", type=int, default=2)

@@ -466,6 +466,11 @@ class TuneConfig:
         "zero_stage 0, a local output dir) | auto (in_trial where it applies on CPUs, else "
         "ray_train). Same model either way",
     )
+    reuse_actors: bool = _f(
+        True,
+        "a finished trial's process runs the next trial (Ray Tune's reuse_actors): no process "
+        "start-up and imports per trial; false gives each trial a fresh process",
+    )
 
     def validate(self) -> None:
         _check(len(self.injection_rates) > 0, "tune.injection_rates", "name at least one rate")

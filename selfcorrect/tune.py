@@ -283,11 +283,13 @@ def segment_ends(cfg: Config) -> list[int]:
 def sweep_hash(cfg: Config, task: str) -> str:
     """What decides a task's sweep results: data, model, training, eval and tune settings.
 
-    Resource-only keys (concurrency, workers' placement, ``tune.trainer``) are left out, so
-    a sweep can be resumed with another ``tune.max_concurrent``.
+    Resource-only keys (concurrency, workers' placement, ``tune.trainer``,
+    ``tune.reuse_actors``) are left out, so a sweep can be resumed with another
+    ``tune.max_concurrent``.
     """
     d = cfg.to_dict()
-    tune = {k: v for k, v in d["tune"].items() if k not in ("max_concurrent", "enabled", "trainer")}
+    skip = ("max_concurrent", "enabled", "trainer", "reuse_actors")
+    tune = {k: v for k, v in d["tune"].items() if k not in skip}
     train = {k: v for k, v in d["train"].items() if k not in ("methods", "max_failures")}
     ev = {k: v for k, v in d["eval"].items() if k in ("max_problems", "max_new_tokens")}
     blob = {

@@ -151,6 +151,8 @@ def test_trial_config_is_eift_with_the_trial_hyperparameters():
 def test_hashes_ignore_concurrency_but_not_settings():
     base = cfg_with()
     assert sweep_hash(base, "sudoku") == sweep_hash(cfg_with("tune.max_concurrent=3"), "sudoku")
+    # How trials get their process changes no result: a sweep resumes across it.
+    assert sweep_hash(base, "sudoku") == sweep_hash(cfg_with("tune.reuse_actors=false"), "sudoku")
     assert sweep_hash(base, "sudoku") != sweep_hash(cfg_with("tune.max_steps=5"), "sudoku")
     assert sweep_hash(base, "sudoku") != sweep_hash(base, "multiplication")
     p = TrialParams(0.1, 4, 1.0, 1.0)
