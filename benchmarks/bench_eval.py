@@ -163,7 +163,8 @@ def _scoring_batches(out: str, rounds: int, max_rows: int = 0) -> dict[str, Any]
     from selfcorrect.models import build_model
     from selfcorrect.tasks import signal_line
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as a scoring actor on one CPU
     cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), [])
     root = os.path.join(out, "tiny")
     data_job.run(JobContext(cfg, root))
@@ -195,14 +196,17 @@ def _scoring_batches(out: str, rounds: int, max_rows: int = 0) -> dict[str, Any]
         return run
 
     ordered = ev.by_length(feed, "prefix", "step")
-    med, rates = alternate(
-        {
-            "items_128": side(feed, 128),
-            "sorted_128": side(ordered, 128),
-            "sorted_32": side(ordered, 32),
-        },
-        rounds,
-    )
+    try:
+        med, rates = alternate(
+            {
+                "items_128": side(feed, 128),
+                "sorted_128": side(ordered, 128),
+                "sorted_32": side(ordered, 32),
+            },
+            rounds,
+        )
+    finally:
+        torch.set_num_threads(threads)  # the benchmarks that follow keep theirs
     return {
         "tasks": list(cfg.tasks),
         "rows": len(feed),
