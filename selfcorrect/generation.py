@@ -715,8 +715,8 @@ class SurpriseActor(GenerationActor):
         steps = [str(x) for x in batch["step"]]
         signals = [str(x) or None for x in batch["signal"]] if "signal" in batch else None
         paths = self._row_models(batch, len(prefixes))
-        # On a CPU, forward batches of 32 (the activations stay in cache): 1.29x the scoring
-        # rate of 128 on tiny's eval rows (bench_eval.py); the scores differ by float rounding.
+        # On a CPU, forward batches of 32 (the activations stay in cache): 1.18-1.29x the
+        # scoring rate of 128 on tiny's eval rows (bench_eval.py); scores move by float rounding.
         forward_batch = self.batch_size if self.device == "cuda" else min(self.batch_size, 32)
         surprise = np.empty(len(prefixes), dtype=np.float64)
         signal_logp = np.full(len(prefixes), np.nan, dtype=np.float64)
