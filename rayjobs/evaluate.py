@@ -31,9 +31,12 @@ from rayjobs.common import (
     init_ray,
     job_main,
     parse_args,
+    read_manifest,
     save_resolved_config,
     stages_in_one_pass,
 )
+from rayjobs.grpo import grpo_hash
+from rayjobs.train import model_hash
 from selfcorrect import console, io
 from selfcorrect.config import Config
 from selfcorrect.data import DATA_COLUMNS
@@ -408,19 +411,29 @@ def eval_hash(ctx: JobContext, task: str, model: str) -> str:
 def run(ctx: JobContext) -> list[str]:
     """Evaluate every model of eval.models that exists; returns the summary paths written."""
     cfg = ctx.cfg
-    found = {
+    saved = {
         task: [m for m in cfg.eval.models if io.exists(ctx.path(task, "models", m, "config.json"))]
         for task in cfg.tasks
     }
+    stale = {task: other_config_models(ctx, task, saved[task]) for task in cfg.tasks}
+    found = {task: [m for m in saved[task] if m not in stale[task]] for task in cfg.tasks}
+    for task in cfg.tasks:
+        for m, why in stale[task].items():
+            print(
+                f"[eval] {task}: not evaluating models/{m}: {why}. Train it with this config "
+                f"(python -m rayjobs.train / rayjobs.grpo, --output-dir {ctx.output_dir}) or "
+                "evaluate with the config that trained it; its earlier results stay on disk "
+                "and leave this run's summary and report"
+            )
     if not any(found.values()):
         raise FileNotFoundError(
-            f"no model of eval.models={cfg.eval.models} found under "
+            f"no model of eval.models={cfg.eval.models} trained with this config found under "
             f"{ctx.output_dir}/<task>/models/; run training first (python -m rayjobs.train)"
         )
     init_ray(cfg)
     written = []
     for task in cfg.tasks:
-        skipped = [m for m in cfg.eval.models if m not in found[task]]
+        skipped = [m for m in cfg.eval.models if m not in saved[task]]
         if skipped:
             print(f"[eval] {task}: no saved model for {skipped}, not evaluated")
         hashes = {f"{task}/eval/{m}": eval_hash(ctx, task, m) for m in found[task]}
@@ -448,6 +461,28 @@ def run(ctx: JobContext) -> list[str]:
             written.append(path)
     written.append(write_run_summary(ctx))
     return written
+
+
+def other_config_models(ctx: JobContext, task: str, models: Sequence[str]) -> dict[str, str]:
+    """model -> why, for the saved ``models`` whose manifest record says another config trained
+    them (another hash, or a run that did not finish). A run directory reused with other
+    training settings keeps the old models; evaluating them would put another experiment's
+    rows into this run's summary. A model with no record (placed by hand) is evaluated."""
+    stages = read_manifest(ctx)["stages"]
+    out = {}
+    for m in models:
+        rec = stages.get(f"{task}/{m}")
+        if rec is None:
+            continue
+        want = grpo_hash(ctx.cfg, task) if m == "grpo" else model_hash(ctx, task, m)
+        if rec.get("status") != "done":
+            out[m] = f"its training is recorded as {rec.get('status')!r}, not done"
+        elif rec.get("config_hash") != want:
+            out[m] = (
+                f"it was trained under another config (manifest hash {rec.get('config_hash')}, "
+                f"this config's {want})"
+            )
+    return out
 
 
 GAPS_FILE = "eval_gaps.parquet"

@@ -18,6 +18,8 @@ from the latest one. The final model is published atomically with
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from rayjobs.common import (
@@ -28,15 +30,18 @@ from rayjobs.common import (
     run_stage,
     save_resolved_config,
 )
-from rayjobs.train import _ray_storage, publish_final
+from rayjobs.train import _ray_storage, method_config, publish_final, train_hash
 from selfcorrect import io
 from selfcorrect.config import Config
 from selfcorrect.grpo import check_batch_shape, grpo_world_size
 
 
 def grpo_hash(cfg: Config, task: str) -> str:
-    """What the GRPO model depends on: data, the FT model's recipe, and the GRPO settings."""
-    return cfg.section_hash("seed", task, "data", "model", "train", "grpo", clean=True)
+    """What the GRPO model depends on: the FT model it starts from (its training hash: seed,
+    data, model, clean training settings) and the GRPO settings; not which other methods
+    ``train.methods`` lists."""
+    blob = {"ft": train_hash(method_config(cfg, task), task, "ft"), "grpo": cfg.to_dict()["grpo"]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def train_grpo(

@@ -453,27 +453,42 @@ def task_jobs(ctx: JobContext, name: str) -> list[tuple[str, ModelJob]]:
     """(manifest key, job) of every model this config trains for task ``name``, in order:
     the base (if any), then ``train.methods``, each from the base for the task's
     ``train.method_steps``."""
-    cfg = ctx.cfg
-    steps = cfg.train.method_steps(name)
-    if steps != cfg.train.max_steps:
-        cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, max_steps=steps, max_steps_by_task={})
-        )
     base = base_job(ctx, name)
     jobs = [(f"{name}/base", base)] if base else []
+    return jobs + [(f"{name}/{m}", method_job(ctx, name, m, base)) for m in ctx.cfg.train.methods]
+
+
+def method_job(ctx: JobContext, name: str, method: str, base: ModelJob | None) -> ModelJob:
+    """Task ``name``'s ``method`` model as this config trains it (``train.methods`` or not:
+    eval asks for the hash of every model it finds, ``model_hash``)."""
+    cfg = method_config(ctx.cfg, name)
     pol = onpolicy_path(ctx.output_dir, name)
-    for method in cfg.train.methods:
-        digest = _file_digest(pol) if method == "hybrid" else None
-        job = ModelJob(
-            method,
-            model_dir(ctx.output_dir, name, method),
-            cfg,
-            train_hash(cfg, name, method, digest),
-            init_model_path=base.out_dir if base else None,
-            onpolicy_path=pol if method == "hybrid" else None,
-        )
-        jobs.append((f"{name}/{method}", job))
-    return jobs
+    digest = _file_digest(pol) if method == "hybrid" else None
+    return ModelJob(
+        method,
+        model_dir(ctx.output_dir, name, method),
+        cfg,
+        train_hash(cfg, name, method, digest),
+        init_model_path=base.out_dir if base else None,
+        onpolicy_path=pol if method == "hybrid" else None,
+    )
+
+
+def method_config(cfg: Config, name: str) -> Config:
+    """The config task ``name``'s methods train under: ``max_steps`` is the task's
+    ``train.method_steps``."""
+    steps = cfg.train.method_steps(name)
+    if steps == cfg.train.max_steps:
+        return cfg
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, max_steps=steps, max_steps_by_task={})
+    )
+
+
+def model_hash(ctx: JobContext, name: str, method: str) -> str:
+    """The manifest hash this config gives task ``name``'s ``method`` model: a saved model
+    whose record holds another hash was trained under another config."""
+    return method_job(ctx, name, method, base_job(ctx, name)).model_hash
 
 
 def run(ctx: JobContext) -> None:

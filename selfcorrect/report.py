@@ -127,6 +127,8 @@ class Run:
     # <task>/models/<method>/metrics.parquet (base, grpo included), one row per log step
     train: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)  # files that could not be read
+    # Results on disk that are not this run's (another config's tasks or models), and why.
+    left_out: list[str] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[str]:
@@ -237,18 +239,36 @@ def load_run(root: str) -> Run:
     if run.gaps is None and run.summary is not None:  # runs from before eval_gaps.parquet
         run.gaps = gap_table(run.summary)
 
+    # A run directory reused with another config keeps the other config's results: only the
+    # config's tasks, and only the models its eval summarised, are this run's.
     tasks = list(run.config.get("tasks") or [])
-    tasks += [t for t in TASKS if t not in tasks and io.exists(io.join(root, t))]
+    on_disk = [t for t in TASKS if t not in tasks and io.exists(io.join(root, t))]
+    if tasks:
+        run.left_out += [f"`{t}/`: not a task of this run's config.yaml" for t in on_disk]
+        for name in ("summary", "gaps"):
+            df = getattr(run, name)
+            if df is not None and "task" in df:
+                setattr(run, name, df[df["task"].isin(tasks)].reset_index(drop=True))
+    else:
+        tasks = on_disk
+    summarised = _summarised(run.summary)
+    methods = (run.config.get("train") or {}).get("methods")
+    trained = {"base", *methods} if methods else None  # None: no config to go by
     evals, harvest, coverage, tune, train = [], [], [], [], []
     for task in tasks:
         d = io.join(root, task, "eval")
         # Only the DESIGN 7 files: stages keep side tables next to them (eval/summary.parquet,
         # harvest/<model>-<split>-outcomes.parquet, coverage/<model>-summary.parquet).
-        evals += [
-            _read(io.join(d, f), notes, task=task, model=f[:-8])
-            for f in _list(d, ".parquet")
-            if f != "summary.parquet"
-        ]
+        for f in _list(d, ".parquet"):
+            if f == "summary.parquet":
+                continue
+            if summarised is not None and (task, f[:-8]) not in summarised:
+                run.left_out.append(
+                    f"`{task}/eval/{f}`: not in eval_summary.parquet (a model this config's "
+                    "eval did not evaluate: another config's, or one no longer trained)"
+                )
+                continue
+            evals.append(_read(io.join(d, f), notes, task=task, model=f[:-8]))
         d = io.join(root, task, "harvest")
         for f in _list(d, ".parquet"):
             model, _, split = f[:-8].rpartition("-")
@@ -266,12 +286,31 @@ def load_run(root: str) -> Run:
         d = io.join(root, task, "models")
         for method in _list_dirs(d):
             p = io.join(d, method, "metrics.parquet")
-            if io.exists(p):
-                train.append(_read(p, notes, task=task, method=method))
+            if not io.exists(p):
+                continue
+            if (
+                summarised is not None
+                and trained is not None
+                and method not in trained
+                and (task, method) not in summarised
+            ):
+                run.left_out.append(
+                    f"`{task}/models/{method}/metrics.parquet`: neither in the config's "
+                    "train.methods nor in eval_summary.parquet"
+                )
+                continue
+            train.append(_read(p, notes, task=task, method=method))
     run.evals, run.harvest = _concat(evals), _concat(harvest)
     run.coverage, run.tune = _concat(coverage), _concat(tune)
     run.train = _concat(train)
     return run
+
+
+def _summarised(summary: pd.DataFrame | None) -> set[tuple[str, str]] | None:
+    """(task, model) pairs of the eval summary; None when there is none to go by."""
+    if summary is None or not {"task", "model"} <= set(summary.columns):
+        return None
+    return set(zip(summary["task"], summary["model"], strict=True))
 
 
 def select(
@@ -319,6 +358,7 @@ def select(
         tune=keep(run.tune, by_model=False),
         train=keep(run.train, model_col="method"),  # log steps have no error type
         notes=list(run.notes),
+        left_out=list(run.left_out),
     )
     s = run.summary
     if s is not None and tasks is not None:
@@ -1489,6 +1529,8 @@ def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
     lines += [markdown_table(timings), ""] if timings is not None else ["_No manifest.json._", ""]
     if run.notes:
         lines += ["## Files that could not be read", ""] + [f"- {n}" for n in run.notes] + [""]
+    if run.left_out:
+        lines += ["## Results left out", ""] + [f"- {n}" for n in run.left_out] + [""]
     return "\n".join(lines), figures
 
 

@@ -18,7 +18,7 @@ import torch
 
 from rayjobs import data as data_job
 from rayjobs import evaluate as eval_job
-from rayjobs.common import JobContext, read_manifest
+from rayjobs.common import JobContext, read_manifest, write_manifest
 from selfcorrect import io
 from selfcorrect.data import load_problems
 from selfcorrect.evaluate import ALL_TYPES, CONDITIONS, ITEM_COLUMNS, RATES, own_errors
@@ -264,6 +264,21 @@ def test_eval_job_ft_vs_eift_all_conditions_and_temperatures(ray_session, traine
     pd.testing.assert_frame_equal(summary, again)
     again = io.read_parquet(ctx.path("eval_gaps.parquet")).to_pandas()
     pd.testing.assert_frame_equal(gaps, again)
+
+    # A model the manifest says another config trained stays out of this run's summary (a
+    # reused run directory); its earlier results stay on disk.
+    manifest = read_manifest(ctx)
+    stale = {"status": "done", "config_hash": "another-config", "artifacts": []}
+    write_manifest(ctx, manifest | {"stages": manifest["stages"] | {"sudoku/eift": stale}})
+    try:
+        eval_job.run(ctx)
+        now = io.read_parquet(ctx.path("eval_summary.parquet")).to_pandas()
+        assert set(now.query("task == 'sudoku'")["model"]) == {"ft"}
+        assert set(now.query("task == 'multiplication'")["model"]) == {"ft", "eift"}
+        assert io.exists(eval_job.eval_path(ctx.output_dir, "sudoku", "eift"))
+    finally:
+        write_manifest(ctx, manifest)
+        eval_job.run(ctx)
 
 
 def test_same_seed_same_numbers(ray_session, trained_run):

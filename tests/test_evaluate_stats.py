@@ -320,3 +320,42 @@ def test_run_summary_writes_the_gap_table(tmp_path):
         assert g["method"].iloc[0] == "newcombe_mover_cluster_bootstrap"
         assert (g["n_a"].iloc[0], g["n_b"].iloc[0]) == (30, 180)
     assert gaps["diff_lo"].notna().all() and gaps["diff_hi"].notna().all()
+
+
+def test_eval_leaves_out_models_another_config_trained(tmp_path):
+    # A run directory reused with other training settings keeps the old models; the manifest
+    # says which config trained each, and eval must not mix those into this run's summary.
+    from rayjobs.common import JobContext, write_manifest
+    from rayjobs.evaluate import other_config_models
+    from rayjobs.grpo import grpo_hash
+    from rayjobs.train import model_hash, task_jobs
+    from selfcorrect.config import load_config
+
+    cfg = load_config(None, ["tasks=[sudoku]", "train.methods=[ft,eift]"])
+    ctx = JobContext(cfg, str(tmp_path))
+    jobs = dict(task_jobs(ctx, "sudoku"))
+    # The hash eval compares is the one training records, for listed methods and others.
+    assert model_hash(ctx, "sudoku", "eift") == jobs["sudoku/eift"].model_hash
+    longer = JobContext(
+        load_config(None, ["tasks=[sudoku]", "train.max_steps=999"]), ctx.output_dir
+    )
+    assert model_hash(longer, "sudoku", "insec") != model_hash(ctx, "sudoku", "insec")
+    done = {"status": "done", "artifacts": []}
+    write_manifest(
+        ctx,
+        {
+            "stages": {
+                "sudoku/ft": done | {"config_hash": model_hash(ctx, "sudoku", "ft")},
+                "sudoku/eift": done | {"config_hash": model_hash(longer, "sudoku", "eift")},
+                "sudoku/insec": done | {"config_hash": model_hash(ctx, "sudoku", "insec")},
+                "sudoku/hybrid": {"status": "failed", "config_hash": "x"},
+                "sudoku/grpo": done | {"config_hash": grpo_hash(longer.cfg, "sudoku")},
+            }
+        },
+    )
+    models = ["ft", "eift", "hybrid", "insec", "grpo", "by-hand"]
+    stale = other_config_models(ctx, "sudoku", models)
+    assert set(stale) == {"eift", "hybrid", "grpo"}
+    assert "another config" in stale["eift"] and "'failed'" in stale["hybrid"]
+    # Under the config that trained them, the same models are current.
+    assert set(other_config_models(longer, "sudoku", ["eift", "grpo"])) == set()

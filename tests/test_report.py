@@ -856,3 +856,32 @@ def test_ranking_table_and_headline_read_the_discrimination_rate(tmp_path):
     run.summary = run.summary.drop(columns=[c for c in run.summary if "discrimination" in c])
     assert ranking_table(run) is None
     assert not any("Without the greedy threshold" in line for line in headline(run))
+
+
+def test_results_of_another_config_are_left_out_and_listed(tmp_path):
+    # A run directory reused with a narrower config keeps the other config's files: a task
+    # the config does not list and a model its eval did not summarise. Neither may reach
+    # the report's tables; both are listed under "Results left out".
+    root = make_synthetic_run(str(tmp_path / "run"))
+    config = {"name": "synthetic", "seed": 0, "tasks": ["sudoku"]}
+    config["train"] = {"methods": ["ft", "eift", "hybrid"]}
+    io.write_text(io.join(root, "config.yaml"), yaml.safe_dump(config))
+    stale = load_run(root).evals.query("task == 'sudoku' and model == 'eift'")
+    io.write_parquet(
+        io.join(root, "sudoku", "eval", "insec.parquet"), stale.drop(columns=["task", "model"])
+    )
+    write_train_metrics(root, "sudoku", "insec", None)
+    run = load_run(root)
+    assert run.tasks == ["sudoku"] and "insec" not in run.models
+    assert set(run.evals["task"]) == {"sudoku"} and "insec" not in set(run.evals["model"])
+    assert "insec" not in set(run.train["method"]) and "base" in set(run.train["method"])
+    assert len(run.left_out) == 3
+    assert any(n.startswith("`multiplication/`") for n in run.left_out)
+    assert any("sudoku/eval/insec.parquet" in n for n in run.left_out)
+    text = open(write_report(root)).read()
+    assert "## Results left out" in text and "sudoku/models/insec/metrics.parquet" in text
+    assert "| multiplication |" not in text and "| insec |" not in text
+    # Without an eval summary there is nothing to go by: every model on disk is read.
+    os.remove(io.join(root, "eval_summary.parquet"))
+    os.remove(io.join(root, "eval_gaps.parquet"))
+    assert "insec" in set(load_run(root).evals["model"])
