@@ -488,7 +488,7 @@ def method_config(cfg: Config, name: str) -> Config:
 def model_hash(ctx: JobContext, name: str, method: str) -> str:
     """The manifest hash this config gives task ``name``'s ``method`` model: a saved model
     whose record holds another hash was trained under another config."""
-    return method_job(ctx, name, method, base_job(ctx, name)).model_hash
+    return method_job(ctx, name, method, None).model_hash  # the base path is not in the hash
 
 
 def run(ctx: JobContext) -> None:
