@@ -114,23 +114,31 @@ def coverage(
 
 def run(ctx: JobContext) -> None:
     """Coverage of the FT model's test-split errors (train split if test was not harvested)."""
-    from rayjobs.harvest import harvest_paths
-
     init_ray(ctx.cfg)
-    split = "test" if "test" in ctx.cfg.harvest.splits else ctx.cfg.harvest.splits[0]
+    split = coverage_split(ctx.cfg)
     for task_name in ctx.cfg.tasks:
-        src = ctx.path(harvest_paths(task_name, "ft", split)[0])
 
         def body(rec: dict, task_name: str = task_name) -> None:
             summary = coverage(ctx.cfg, task_name, "ft", ctx.output_dir, split)
             rec["artifacts"].extend(summary.pop("artifacts"))
             rec["summary"] = summary
 
-        # Redo when the harvest output or the injector config changes.
-        fingerprint = ctx.cfg.section_hash("seed", task_name, "coverage") + (
-            _file_stamp(src) if io.exists(src) else ""
-        )
-        run_stage(ctx, f"{task_name}/coverage/ft", fingerprint, body)
+        run_stage(ctx, f"{task_name}/coverage/ft", coverage_hash(ctx, task_name), body)
+
+
+def coverage_split(cfg: Config) -> str:
+    """The harvested split whose errors coverage measures: test, else the first harvested."""
+    return "test" if "test" in cfg.harvest.splits else cfg.harvest.splits[0]
+
+
+def coverage_hash(ctx: JobContext, task_name: str) -> str:
+    """Changes with the injector config or the harvest output coverage reads."""
+    from rayjobs.harvest import harvest_paths
+
+    src = ctx.path(harvest_paths(task_name, "ft", coverage_split(ctx.cfg))[0])
+    return ctx.cfg.section_hash("seed", task_name, "coverage") + (
+        _file_stamp(src) if io.exists(src) else ""
+    )
 
 
 def _file_stamp(path: str) -> str:

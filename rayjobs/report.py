@@ -3,12 +3,17 @@
 python -m rayjobs.report --output-dir runs/tiny
 
 Redone whenever any other stage in manifest.json finished again since the last report.
+The results of stages recorded under another config (a run directory reused with other
+settings and ``--skip`` for those stages) are left out of the report and listed in it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
+
+import yaml
 
 from rayjobs.common import (
     JobContext,
@@ -19,28 +24,74 @@ from rayjobs.common import (
     run_stage,
 )
 from selfcorrect import io
+from selfcorrect.config import config_from_dict
 from selfcorrect.report import write_report
 
 
-def report_hash(ctx: JobContext) -> str:
-    """Changes whenever an upstream stage was (re)done: the report reflects the latest outputs."""
+def report_hash(ctx: JobContext, stale: dict[str, str]) -> str:
+    """Changes whenever an upstream stage was (re)done, or what is stale changed: the report
+    reflects the latest outputs of this config."""
     stages = read_manifest(ctx)["stages"]
     upstream = {
         k: [v.get("status"), v.get("config_hash"), v.get("finished")]
         for k, v in sorted(stages.items())
         if k != "report"
     }
+    upstream["stale"] = sorted(stale)
     return hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stale_stages(ctx: JobContext) -> dict[str, str]:
+    """Harvest, coverage and tune records whose hash is not the one this config gives them:
+    stage key -> why and what to run. Their outputs are another config's (eval checks the
+    models itself, ``rayjobs.evaluate.other_config_models``)."""
+    from rayjobs.coverage import coverage_hash
+    from rayjobs.harvest import harvest_hash
+    from rayjobs.tune import sweep_hash
+
+    # The run's config.yaml is the config its stages ran under (the pipeline writes it first;
+    # a lone `rayjobs.report --output-dir` has no --config of its own to go by).
+    if io.exists(ctx.path("config.yaml")):
+        saved = yaml.safe_load(io.read_bytes(ctx.path("config.yaml")).decode()) or {}
+        ctx = replace(ctx, cfg=config_from_dict(saved))
+    cfg = ctx.cfg
+    want: dict[str, tuple[str, str]] = {}  # stage key -> (this config's hash, job to run)
+    for task in cfg.tasks:
+        ft = ctx.path(task, "models", "ft")
+        if io.exists(ft):
+            h = harvest_hash(cfg, task, ft)
+            for split in cfg.harvest.splits:
+                want[f"{task}/harvest/ft-{split}"] = (h, "harvest")
+        want[f"{task}/coverage/ft"] = (coverage_hash(ctx, task), "coverage")
+        if cfg.tune.enabled:
+            want[f"{task}/tune"] = (sweep_hash(cfg, task), "tune")
+    stale = {}
+    for key, rec in read_manifest(ctx)["stages"].items():
+        if key not in want or rec.get("config_hash") == want[key][0]:
+            continue
+        stale[key] = (
+            f"recorded under another config (hash {rec.get('config_hash')}, this config's "
+            f"{want[key][0]}); redo it: python -m rayjobs.{want[key][1]} --config <this config> "
+            f"--output-dir {ctx.output_dir}"
+        )
+    return stale
 
 
 def run(ctx: JobContext) -> str:
     """Write the report; returns the path of report.md."""
+    stale = stale_stages(ctx)
 
     def build(rec: dict) -> None:
-        write_report(ctx.output_dir)
+        write_report(ctx.output_dir, stale=stale)
         rec["artifacts"].append("report.md")
+        # For load_run in a notebook, which has no config: the same stages stay out while
+        # their records are unchanged.
+        stages = read_manifest(ctx)["stages"]
+        rec["stale"] = {
+            k: {"config_hash": stages[k].get("config_hash"), "why": why} for k, why in stale.items()
+        }
 
-    run_stage(ctx, "report", report_hash(ctx), build)
+    run_stage(ctx, "report", report_hash(ctx, stale), build)
     return io.join(ctx.output_dir, "report.md")
 
 

@@ -81,14 +81,14 @@ class DataConfig:
 
 
 # The names of selfcorrect.models.PRESETS (kept here so loading a config imports no torch).
-PRESET_NAMES = ("nano", "tiny", "tiny-deep", "small", "base", "0.5b")
+PRESET_NAMES = ("nano", "mini", "tiny", "tiny-deep", "small", "base", "0.5b")
 ATTENTION_KERNELS = ("auto", "sdpa", "eager")
 
 
 @dataclass
 class ModelConfig:
     preset: str = _f(
-        "tiny", "random-init size preset: nano | tiny | tiny-deep | small | base | 0.5b"
+        "tiny", "random-init size preset: nano | mini | tiny | tiny-deep | small | base | 0.5b"
     )
     path: str | None = _f(None, "local HF model dir or hub id; overrides preset (paper scale)")
     max_length: int = _f(256, "max tokens per training example / generation context")

@@ -27,6 +27,8 @@ from selfcorrect.tokenizer import build_char_tokenizer
 # name -> (hidden, layers, heads, kv_heads, ffn)
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "nano": (64, 2, 4, 4, 128),
+    # tiny's depth at half its width: about a quarter of its compute per token
+    "mini": (128, 4, 4, 4, 384),
     "tiny": (256, 4, 4, 4, 768),
     # tiny's width, twice its depth: flagging a wrong step is one token after the whole line
     # (compute the step, compare, gather), a lever for the premise (benchmarks/NOTES.md)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io as _bytesio
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -213,10 +213,12 @@ def _concat(frames: Iterable[pd.DataFrame | None]) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def load_run(root: str) -> Run:
+def load_run(root: str, stale: Mapping[str, str] | None = None) -> Run:
     """Read every result table of a run directory (local path or pyarrow URI).
 
-    Missing stages simply leave their table as ``None``.
+    Missing stages simply leave their table as ``None``. ``stale``: manifest stage keys whose
+    outputs are another config's (``rayjobs.report.stale_stages``) -> why; their artifacts
+    are left out and listed in ``Run.left_out``.
     """
     root = str(root)
     if not io.exists(root):
@@ -251,6 +253,28 @@ def load_run(root: str) -> Run:
                 setattr(run, name, df[df["task"].isin(tasks)].reset_index(drop=True))
     else:
         tasks = on_disk
+    # Harvest, coverage and tune outputs recorded under another config: path -> why. Without
+    # ``stale``, the report job's verdict, kept for the stages whose records are unchanged.
+    records = (run.manifest or {}).get("stages", {})
+    if stale is None:
+        kept = records.get("report", {}).get("stale", {})
+        stale = {
+            k: v["why"]
+            for k, v in kept.items()
+            if records.get(k, {}).get("config_hash") == v.get("config_hash")
+        }
+    stale_files = {
+        a: f"{key}: {why}"
+        for key, why in (stale or {}).items()
+        for a in records.get(key, {}).get("artifacts", [])
+    }
+
+    def this_config(rel: str) -> bool:
+        if rel in stale_files:
+            run.left_out.append(f"`{rel}`: {stale_files[rel]}")
+            return False
+        return True
+
     summarised = _summarised(run.summary)
     methods = (run.config.get("train") or {}).get("methods")
     trained = {"base", *methods} if methods else None  # None: no config to go by
@@ -272,16 +296,16 @@ def load_run(root: str) -> Run:
         d = io.join(root, task, "harvest")
         for f in _list(d, ".parquet"):
             model, _, split = f[:-8].rpartition("-")
-            if model and split in ("train", "test"):
+            if model and split in ("train", "test") and this_config(f"{task}/harvest/{f}"):
                 harvest.append(_read(io.join(d, f), notes, task=task, model=model, split=split))
         d = io.join(root, task, "coverage")
         coverage += [
             _read(io.join(d, f), notes, task=task, model=f[:-8])
             for f in _list(d, ".parquet")
-            if not f.endswith("-summary.parquet")
+            if not f.endswith("-summary.parquet") and this_config(f"{task}/coverage/{f}")
         ]
         p = io.join(root, task, "tune", "results.parquet")
-        if io.exists(p):
+        if io.exists(p) and this_config(f"{task}/tune/results.parquet"):
             tune.append(_read(p, notes, task=task))
         d = io.join(root, task, "models")
         for method in _list_dirs(d):
@@ -1534,13 +1558,13 @@ def build_report(run: Run) -> tuple[str, dict[str, bytes]]:
     return "\n".join(lines), figures
 
 
-def write_report(root: str) -> str:
+def write_report(root: str, stale: Mapping[str, str] | None = None) -> str:
     """Write ``report.md`` and ``figures/*.png`` into the run directory; returns report.md's path.
 
     Figures are written first and report.md last, each atomically, so a report.md
-    never points at a figure that is not there.
+    never points at a figure that is not there. ``stale``: as in ``load_run``.
     """
-    run = load_run(root)
+    run = load_run(root, stale)
     text, figures = build_report(run)
     for name, png in figures.items():
         io.write_bytes(io.join(root, "figures", name), png)

@@ -346,5 +346,5 @@ def test_config_knows_every_model_preset():
     from selfcorrect.models import PRESETS
 
     assert set(PRESET_NAMES) == set(PRESETS)
-    with pytest.raises(ConfigError, match="choose one of nano, tiny, tiny-deep"):
+    with pytest.raises(ConfigError, match="choose one of nano, mini, tiny, tiny-deep"):
         load_config(None, ["model.preset=huge"])

@@ -386,6 +386,55 @@ def test_report_job_cli(tmp_path):
     assert manifest["stages"]["report"]["status"] == "done"
 
 
+def test_stage_outputs_of_another_config_are_left_out_and_listed(tmp_path):
+    # Harvest, coverage and tune skipped in a reused run directory keep the other config's
+    # files. The report job names their stages stale (their recorded hash is not this
+    # config's); the report leaves exactly their artifacts out and lists them.
+    from rayjobs import report as job
+    from rayjobs.common import JobContext
+    from rayjobs.coverage import coverage_hash
+    from rayjobs.tune import sweep_hash
+    from selfcorrect.config import config_from_dict
+
+    root = make_synthetic_run(str(tmp_path / "run"))
+    cfg = config_from_dict(yaml.safe_load(open(io.join(root, "config.yaml"))))
+    ctx = JobContext(cfg, root)
+    manifest = io.read_json(io.join(root, "manifest.json"))
+    for task in TYPES:
+        manifest["stages"][f"{task}/tune"] = {
+            "status": "done",
+            "config_hash": sweep_hash(cfg, task) if task == "multiplication" else "0ther",
+            "artifacts": [f"{task}/tune/results.parquet"],
+        }
+        manifest["stages"][f"{task}/coverage/ft"] = {
+            "status": "done",
+            "config_hash": coverage_hash(ctx, task) if task == "sudoku" else "0ther",
+            "artifacts": [f"{task}/coverage/ft.parquet", f"{task}/coverage/ft-summary.parquet"],
+        }
+    io.write_json(io.join(root, "manifest.json"), manifest)
+    stale = job.stale_stages(ctx)
+    assert set(stale) == {"sudoku/tune", "multiplication/coverage/ft"}
+    assert "python -m rayjobs.tune" in stale["sudoku/tune"]
+    run = load_run(root, stale)
+    assert set(run.tune["task"]) == {"multiplication"}
+    assert set(run.coverage["task"]) == {"sudoku"}
+    assert len(run.harvest) == len(load_run(root).harvest)  # no harvest record: all read
+    assert sorted(n.split("`")[1] for n in run.left_out) == [
+        "multiplication/coverage/ft.parquet",
+        "sudoku/tune/results.parquet",
+    ]
+    job.main(["--output-dir", root])
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "## Results left out" in text and "`sudoku/tune/results.parquet`" in text
+    # A notebook's load_run has no config: it keeps the report job's verdict...
+    assert set(load_run(root).tune["task"]) == {"multiplication"}
+    # ...while the stage's record is unchanged; a redone sweep is read again.
+    manifest = io.read_json(io.join(root, "manifest.json"))
+    manifest["stages"]["sudoku/tune"]["config_hash"] = sweep_hash(cfg, "sudoku")
+    io.write_json(io.join(root, "manifest.json"), manifest)
+    assert set(load_run(root).tune["task"]) == set(TYPES)
+
+
 def execute_notebook(
     run_dir: str,
     task: str | None = None,
