@@ -34,20 +34,26 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+TRAIN_WEIGHTS_HELP = (
+    "error type -> weight for the error traces the methods train on only (empty = "
+    "error_weights); eval's synthetic items, coverage and the learning-curve probes keep "
+    "error_weights, so a method trained on some types is measured on every type"
+)
+
+
 @dataclass
 class MultiplicationConfig:
     digits_a: int = _f(4, "digits of the first operand")
     digits_b: int = _f(4, "digits of the second operand (one partial product per digit)")
     error_weights: dict[str, float] = _f({}, "synthetic error type -> weight (empty = uniform)")
+    train_error_weights: dict[str, float] = _f({}, TRAIN_WEIGHTS_HELP)
 
     def validate(self) -> None:
         _check(1 <= self.digits_a <= 9, "multiplication.digits_a", "must be in 1..9")
         _check(1 <= self.digits_b <= 9, "multiplication.digits_b", "must be in 1..9")
-        _check_weights(
-            self.error_weights,
-            "multiplication.error_weights",
-            ("carry", "int_10", "int_100", "digit", "digit_close", "two_digits"),
-        )
+        types = ("carry", "int_10", "int_100", "digit", "digit_close", "two_digits")
+        _check_weights(self.error_weights, "multiplication.error_weights", types)
+        _check_weights(self.train_error_weights, "multiplication.train_error_weights", types)
 
 
 @dataclass
@@ -55,6 +61,7 @@ class SudokuConfig:
     min_empty: int = _f(6, "fewest empty cells in a puzzle")
     max_empty: int = _f(12, "most empty cells in a puzzle (still solvable by naked singles)")
     error_weights: dict[str, float] = _f({}, "synthetic error type -> weight (empty = uniform)")
+    train_error_weights: dict[str, float] = _f({}, TRAIN_WEIGHTS_HELP)
     next_cell_share: float = _f(
         0.0,
         "share of `invalid` errors placed in the cell the golden trace fills next, only the "
@@ -68,7 +75,9 @@ class SudokuConfig:
             "need 1 <= min_empty <= max_empty <= 16",
         )
         _check(0.0 <= self.next_cell_share <= 1.0, "sudoku.next_cell_share", "must be in [0, 1]")
-        _check_weights(self.error_weights, "sudoku.error_weights", ("invalid", "non_naked_single"))
+        types = ("invalid", "non_naked_single")
+        _check_weights(self.error_weights, "sudoku.error_weights", types)
+        _check_weights(self.train_error_weights, "sudoku.train_error_weights", types)
 
 
 @dataclass
@@ -558,8 +567,8 @@ class TrackingConfig:
 # hashes leave them out (``Config.section_hash(..., clean=True)``): a run resumed with another
 # injection rate or injector mix keeps its bases and FT and retrains only what uses errors.
 INJECTION_KEYS: dict[str, tuple[str, ...]] = {
-    "multiplication": ("error_weights",),
-    "sudoku": ("error_weights", "next_cell_share"),
+    "multiplication": ("error_weights", "train_error_weights"),
+    "sudoku": ("error_weights", "train_error_weights", "next_cell_share"),
     "train": (
         "injection_rate",
         "max_errors",
@@ -633,6 +642,12 @@ class Config:
     def error_weights(self, task: str) -> dict[str, float] | None:
         w = getattr(self, task).error_weights
         return dict(w) if w else None
+
+    def train_error_weights(self, task: str) -> dict[str, float] | None:
+        """The injector mix of the methods' error traces: ``train_error_weights``, else
+        ``error_weights``."""
+        w = getattr(self, task).train_error_weights
+        return dict(w) if w else self.error_weights(task)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -127,7 +127,7 @@ class ExampleStream:
         self.tok = tokenizer
         self.onpolicy = onpolicy
         self.weights = loss_weights(cfg)
-        self.type_weights = cfg.error_weights(task_name)
+        self.type_weights = cfg.train_error_weights(task_name)
 
     def problem(self, i: int) -> Any:
         p = self.problems.get(i)

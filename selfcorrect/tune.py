@@ -337,7 +337,7 @@ def validation_examples(
                 rng,
                 injection_rate=params.injection_rate,
                 max_errors=params.max_errors,
-                type_weights=cfg.error_weights(task.name),
+                type_weights=cfg.train_error_weights(task.name),
                 error_placement=cfg.train.error_placement,
             )
         )

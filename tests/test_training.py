@@ -401,9 +401,32 @@ _INJECTION_CHANGED = (
     "train.probe_every=10",
     "train.probe_items=8",
     "multiplication.error_weights={carry: 1}",
+    "multiplication.train_error_weights={digit: 1}",
     "sudoku.error_weights={invalid: 1}",
+    "sudoku.train_error_weights={non_naked_single: 1}",
     "sudoku.next_cell_share=1",
 )
+
+
+def test_train_error_weights_reach_the_training_traces_only(mul_prompts):
+    """A method trained on some error types is still measured on every type: the traces it
+    trains on follow ``train_error_weights``; eval's synthetic items keep ``error_weights``."""
+    from selfcorrect.evaluate import synthetic_items
+
+    _, tok = build_model("nano", 256)
+    hard = "multiplication.train_error_weights={int_10: 0, int_100: 0, carry: 1, digit: 1}"
+    cfg = _cfg("train.injection_rate=0.5", "train.error_placement=step", hard)
+
+    def types(c) -> set[str]:
+        s = ExampleStream(c, "multiplication", "eift", mul_prompts, tok)
+        return {t for step in range(6) for j in range(8) for t in s.trace(step, j, j).error_types}
+
+    assert types(cfg) == {"carry", "digit"}
+    assert {"int_10", "int_100"} <= types(_cfg("train.injection_rate=0.5"))
+    task = get_task("multiplication", **cfg.task_options("multiplication"))
+    rows = [{"prompt": p, "problem_id": i} for i, p in enumerate(mul_prompts[:60])]
+    items = synthetic_items(task, rows, 0, 60, cfg.error_weights("multiplication"))
+    assert {"int_10", "int_100"} <= {it["error_type"] for it in items}
 
 
 def test_injection_settings_stay_out_of_the_stages_that_never_see_an_error(tmp_path):
