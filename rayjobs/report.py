@@ -42,11 +42,12 @@ def report_hash(ctx: JobContext, stale: dict[str, str]) -> str:
 
 
 def stale_stages(ctx: JobContext) -> dict[str, str]:
-    """Harvest, coverage and tune records whose hash is not the one this config gives them:
-    stage key -> why and what to run. Their outputs are another config's (eval checks the
-    models itself, ``rayjobs.evaluate.other_config_models``)."""
+    """Harvest, coverage and tune records that are not this config's: stage key -> why and
+    what to run (eval checks the models itself, ``rayjobs.evaluate.other_config_models``).
+    Coverage and the sweep: their recorded hash is not the one this config gives them. The
+    harvest: the FT model it read was retrained after it (its own hash fingerprints the model
+    by file times, which a copied run directory does not keep)."""
     from rayjobs.coverage import coverage_hash
-    from rayjobs.harvest import harvest_hash
     from rayjobs.tune import sweep_hash
 
     # The run's config.yaml is the config its stages ran under (the pipeline writes it first;
@@ -55,25 +56,24 @@ def stale_stages(ctx: JobContext) -> dict[str, str]:
         saved = yaml.safe_load(io.read_bytes(ctx.path("config.yaml")).decode()) or {}
         ctx = replace(ctx, cfg=config_from_dict(saved))
     cfg = ctx.cfg
-    want: dict[str, tuple[str, str]] = {}  # stage key -> (this config's hash, job to run)
+    stages = read_manifest(ctx)["stages"]
+    redo = "redo it: python -m rayjobs.{} --config <this config> --output-dir " + ctx.output_dir
+    stale = {}
     for task in cfg.tasks:
-        ft = ctx.path(task, "models", "ft")
-        if io.exists(ft):
-            h = harvest_hash(cfg, task, ft)
-            for split in cfg.harvest.splits:
-                want[f"{task}/harvest/ft-{split}"] = (h, "harvest")
-        want[f"{task}/coverage/ft"] = (coverage_hash(ctx, task), "coverage")
+        ft_done = stages.get(f"{task}/ft", {}).get("finished") or 0
+        for split in cfg.harvest.splits:
+            key = f"{task}/harvest/ft-{split}"
+            if key in stages and (stages[key].get("started") or 0) < ft_done:
+                stale[key] = f"FT was retrained after this harvest; {redo.format('harvest')}"
+        want = {f"{task}/coverage/ft": (coverage_hash(ctx, task), "coverage")}
         if cfg.tune.enabled:
             want[f"{task}/tune"] = (sweep_hash(cfg, task), "tune")
-    stale = {}
-    for key, rec in read_manifest(ctx)["stages"].items():
-        if key not in want or rec.get("config_hash") == want[key][0]:
-            continue
-        stale[key] = (
-            f"recorded under another config (hash {rec.get('config_hash')}, this config's "
-            f"{want[key][0]}); redo it: python -m rayjobs.{want[key][1]} --config <this config> "
-            f"--output-dir {ctx.output_dir}"
-        )
+        for key, (h, job) in want.items():
+            if key in stages and stages[key].get("config_hash") != h:
+                stale[key] = (
+                    f"recorded under another config (hash {stages[key].get('config_hash')}, "
+                    f"this config's {h}); {redo.format(job)}"
+                )
     return stale
 
 

@@ -561,6 +561,12 @@ class TrackingConfig:
         )
 
 
+# (section, key) pairs that ``Config.to_dict`` leaves out while empty (see there).
+OMITTED_AT_DEFAULT = (
+    ("multiplication", "train_error_weights"),
+    ("sudoku", "train_error_weights"),
+)
+
 # Settings that decide only the error traces (how errors are drawn, placed and weighted in
 # the loss), never a clean trace. The data, the models trained on clean traces (base, FT),
 # the harvest of FT and GRPO (which starts from FT) do not depend on them, so their stage
@@ -650,14 +656,20 @@ class Config:
         return dict(w) if w else self.error_weights(task)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        # Keys added after runs were recorded are left out at their default, so config.yaml
+        # and every stage hash of a run that never set them stay as they were.
+        for section, key in OMITTED_AT_DEFAULT:
+            if not d[section][key]:
+                del d[section][key]
+        return d
 
     def clean_dict(self) -> dict[str, Any]:
         """``to_dict()`` without ``INJECTION_KEYS``: what decides the clean traces alone."""
         d = self.to_dict()
         for section, keys in INJECTION_KEYS.items():
             for k in keys:
-                del d[section][k]
+                d[section].pop(k, None)
         return d
 
     def section_hash(self, *sections: str, clean: bool = False) -> str:

@@ -411,16 +411,26 @@ def test_stage_outputs_of_another_config_are_left_out_and_listed(tmp_path):
             "config_hash": coverage_hash(ctx, task) if task == "sudoku" else "0ther",
             "artifacts": [f"{task}/coverage/ft.parquet", f"{task}/coverage/ft-summary.parquet"],
         }
+    # FT retrained after sudoku's harvest of the test split (not of the train split).
+    manifest["stages"]["sudoku/ft"] = {"status": "done", "finished": 200.0}
+    for split, started in (("test", 100.0), ("train", 300.0)):
+        manifest["stages"][f"sudoku/harvest/ft-{split}"] = {
+            "status": "done",
+            "started": started,
+            "artifacts": [f"sudoku/harvest/ft-{split}.parquet"],
+        }
     io.write_json(io.join(root, "manifest.json"), manifest)
     stale = job.stale_stages(ctx)
-    assert set(stale) == {"sudoku/tune", "multiplication/coverage/ft"}
+    assert set(stale) == {"sudoku/tune", "multiplication/coverage/ft", "sudoku/harvest/ft-test"}
     assert "python -m rayjobs.tune" in stale["sudoku/tune"]
     run = load_run(root, stale)
     assert set(run.tune["task"]) == {"multiplication"}
     assert set(run.coverage["task"]) == {"sudoku"}
-    assert len(run.harvest) == len(load_run(root).harvest)  # no harvest record: all read
+    kept = run.harvest.groupby(["task", "split"]).size().to_dict()
+    assert ("sudoku", "test") not in kept and len(kept) == 3
     assert sorted(n.split("`")[1] for n in run.left_out) == [
         "multiplication/coverage/ft.parquet",
+        "sudoku/harvest/ft-test.parquet",
         "sudoku/tune/results.parquet",
     ]
     job.main(["--output-dir", root])

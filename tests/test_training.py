@@ -408,6 +408,20 @@ _INJECTION_CHANGED = (
 )
 
 
+def test_an_unset_train_error_weights_keeps_a_runs_hashes():
+    """Added after runs were recorded: while empty it is not in config.yaml nor any hash, so an
+    existing run directory is neither refused nor retrained; set, it moves the methods."""
+    from rayjobs.train import train_hash
+
+    cfg = load_config(None)
+    assert "train_error_weights" not in cfg.to_dict()["multiplication"]
+    assert "train_error_weights" not in cfg.clean_dict()["sudoku"]
+    hard = load_config(None, ["multiplication.train_error_weights={digit: 1}"])
+    assert hard.to_dict()["multiplication"]["train_error_weights"] == {"digit": 1}
+    assert train_hash(hard, "multiplication", "eift") != train_hash(cfg, "multiplication", "eift")
+    assert train_hash(hard, "multiplication", "ft") == train_hash(cfg, "multiplication", "ft")
+
+
 def test_train_error_weights_reach_the_training_traces_only(mul_prompts):
     """A method trained on some error types is still measured on every type: the traces it
     trains on follow ``train_error_weights``; eval's synthetic items keep ``error_weights``."""
