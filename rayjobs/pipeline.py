@@ -3,18 +3,20 @@
 python -m rayjobs.pipeline --config configs/tiny.yaml --output-dir runs/tiny
 ray job submit --working-dir . -- python -m rayjobs.pipeline --config configs/tiny.yaml
 
-Order: data -> ft -> harvest (FT model on train and test) -> coverage ->
-eift, hybrid, insec (hybrid uses the harvested train errors) -> grpo (from FT) ->
-eval (every model) -> tune -> report. With ``ray.parallel_tasks`` the per-task steps
-form a graph instead (``NEEDS``): a step starts once the steps of its own task that it
-reads are done, on as many driver threads as there are tasks, so a core that one task
-leaves free takes the next ready step of any task. Each stage records itself in
+Order: data -> ft (the clean base, then FT) -> harvest (FT model on train and test) ->
+coverage -> eift, hybrid, insec (hybrid uses the harvested train errors) -> grpo (from
+FT) -> eval (every model) -> tune -> report. With ``ray.parallel_tasks`` the per-task
+steps form a graph instead (``needs``): a step starts once the steps of its own task that
+it reads are done, on a driver thread per task, so a core that one task leaves free takes
+the next ready step of any task. When no method reads FT's harvest (no hybrid), the base
+is its own step and the methods train from it beside FT, on a second thread of that task. Each stage records itself in
 manifest.json (status, config hash, artifacts, seconds): a rerun skips stages that are
 done with the same config, redoes those whose config changed, and resumes an
 interrupted run.
 
 Extra flags: --stages a,b (run only these pipeline steps) and --skip a,b; steps are
-data, ft, harvest, coverage, methods, grpo, eval, tune, report.
+data, base, ft, harvest, coverage, methods, grpo, eval, tune, report (``base`` has work
+only when the methods train beside FT).
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def _with(cfg: Config, section: str, **changes: object) -> Config:
     )
 
 
+def _base(cfg: Config) -> Config | None:
+    """The base on its own when the methods can start from it beside FT: tasks run as a
+    graph, some method besides FT trains, none reads FT's harvest (hybrid), and a task
+    has a base. Otherwise FT's chain trains it first (one Ray Train start-up fewer)."""
+    t = cfg.train
+    others = [m for m in t.methods if m != "ft"]
+    has_base = any(t.base_steps_by_task.get(name, t.base_steps) > 0 for name in cfg.tasks)
+    apart = cfg.ray.parallel_tasks and others and "hybrid" not in others and has_base
+    return cfg if apart else None
+
+
 def _ft(cfg: Config) -> Config:
     # FT is trained first and always: harvest, hybrid, GRPO and the ft_errors condition build on it.
     return _with(cfg, "train", methods=["ft"])
@@ -82,6 +95,7 @@ def _eval(cfg: Config) -> Config | None:
 
 STEPS = (
     Step("data", "data", lambda c: c, needs_ray=False),
+    Step("base", "base", _base),
     Step("ft", "train", _ft),
     Step("harvest", "harvest", lambda c: c),
     Step("coverage", "coverage", lambda c: c),
@@ -94,15 +108,17 @@ STEPS = (
 STEP_NAMES = [s.name for s in STEPS]
 # Steps in which one task's stages never read another task's outputs. Report (every task)
 # comes after them.
-PER_TASK_STEPS = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
+PER_TASK_STEPS = ("data", "base", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
 # What each per-task step reads from its own task's earlier steps: with ``ray.parallel_tasks``
-# it starts once those are done (or are not part of this run). ft trains the clean base and
-# FT; hybrid (methods) trains on the harvested FT errors; GRPO and the sweep's trials
-# (tune.init=ft) start from FT; eval scores every model and the harvested FT errors. So
-# GRPO and tune no longer wait for the methods, and eval for nothing but its inputs.
+# it starts once those are done (or are not part of this run). ft trains the clean base (if
+# the base step has not) and FT; hybrid (methods) trains on the harvested FT errors; GRPO
+# and the sweep's trials (tune.init=ft) start from FT; eval scores every model and the
+# harvested FT errors. So GRPO and tune do not wait for the methods, and eval for nothing
+# but its inputs. Without hybrid the methods need only the base (``needs``).
 NEEDS: dict[str, tuple[str, ...]] = {
     "data": (),
-    "ft": ("data",),
+    "base": ("data",),
+    "ft": ("data", "base"),
     "harvest": ("ft",),
     "coverage": ("harvest",),
     "methods": ("harvest",),
@@ -113,6 +129,29 @@ NEEDS: dict[str, tuple[str, ...]] = {
 # Steps that run one task at a time: a sweep sizes its concurrent trials for the whole
 # cluster (rayjobs.tune), so a second one would only queue its trials behind the first.
 ONE_AT_A_TIME = ("tune",)
+
+
+def needs(step: str, cfg: Config, names: set[str]) -> tuple[str, ...]:
+    """The steps among ``names`` (this run's) that ``step`` of ``cfg``'s task waits for.
+
+    The methods start from the base alone when the base is its own step (``_base``); with
+    that step left out (``--skip base``) FT's chain trains the base, and the methods wait
+    for it there rather than train a second copy beside it.
+    """
+    if step == "methods" and "base" in names and _base(cfg) is not None:
+        return ("base",)
+    return tuple(n for n in NEEDS.get(step, ()) if n in names)
+
+
+def graph_threads(cfg: Config, names: set[str], cluster: dict[str, float]) -> int:
+    """Driver threads for the graph: one per task, two for a task whose methods train
+    beside its FT, but no more concurrent trainings than the cluster has CPUs for."""
+    wanted = sum(
+        2 if "base" in names and _base(_only_task(cfg, t)) is not None else 1 for t in cfg.tasks
+    )
+    per_run = cfg.train.num_workers * cfg.train.cpus_per_worker
+    fits = int(cluster.get("CPU", 0) // per_run) if cluster and per_run else wanted
+    return max(len(cfg.tasks), min(wanted, fits))
 
 
 def _names(arg: str | None, flag: str) -> list[str] | None:
@@ -167,9 +206,9 @@ def run(ctx: JobContext, steps: list[Step] | None = None) -> dict[str, float]:
     t_start = time.time()
     chained = [s for s in steps if s.name in PER_TASK_STEPS]
     rest = [s for s in steps if s.name not in PER_TASK_STEPS]
-    tasks = ctx.cfg.tasks
-    if ctx.cfg.ray.parallel_tasks and len(tasks) > 1 and chained:
-        per_task = _run_graph(ctx, chained, modules, t_start)
+    threads = graph_threads(ctx.cfg, {s.name for s in chained}, _cluster())
+    if ctx.cfg.ray.parallel_tasks and threads > 1 and chained:
+        per_task = _run_graph(ctx, chained, modules, t_start, threads)
         timings = {s.name: max(pt.get(s.name, 0.0) for pt in per_task.values()) for s in chained}
     else:
         timings = _run_steps(ctx, ctx.cfg, chained, modules, t_start)
@@ -212,11 +251,14 @@ def _in_threads(jobs: list[Callable[[], object]]) -> list[object]:
 
 
 def _run_graph(
-    ctx: JobContext, steps: list[Step], modules: dict[str, object], t_start: float
+    ctx: JobContext,
+    steps: list[Step],
+    modules: dict[str, object],
+    t_start: float,
+    threads: int,
 ) -> dict[str, dict[str, float]]:
-    """Every task's per-task ``steps`` on one driver thread per task (the concurrency the
-    tasks' chains had): a free thread takes the first ready (step, task) in step order, then
-    task order. A task whose step fails runs nothing that reads it; the other tasks go on,
+    """Every task's per-task ``steps`` on ``threads`` driver threads (``graph_threads``): a
+    free thread takes the first ready (step, task) in step order, then task order. A task whose step fails runs nothing that reads it; the other tasks go on,
     and the first failure is re-raised once all runnable work has ended.
 
     Returns task -> step -> wall seconds.
@@ -234,11 +276,12 @@ def _run_graph(
         for step, task in jobs:
             if (step.name, task) in state:
                 continue
-            needs = [state.get((n, task)) for n in NEEDS.get(step.name, ()) if n in names]
-            if any(st in ("failed", "blocked") for st in needs):
+            waits = needs(step.name, _only_task(ctx.cfg, task), names)
+            needs_state = [state.get((n, task)) for n in waits]
+            if any(st in ("failed", "blocked") for st in needs_state):
                 state[(step.name, task)] = "blocked"
                 _say(f"[pipeline] {step.name} ({task}): not run, a step it reads failed")
-            elif all(st == "done" for st in needs) and not (
+            elif all(st == "done" for st in needs_state) and not (
                 step.name in ONE_AT_A_TIME and step.name in running
             ):
                 return step, task
@@ -260,7 +303,7 @@ def _run_graph(
             try:
                 cfg = _only_task(ctx.cfg, task)
                 if step.name == "tune" and busy:
-                    cfg = _sweep_share(cfg, busy, len(tasks), _cluster())
+                    cfg = _sweep_share(cfg, busy, threads, _cluster())
                 timings[task].update(_run_steps(ctx, cfg, [step], modules, t_start, task))
                 outcome = "done"
             except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread below
@@ -273,7 +316,7 @@ def _run_graph(
                 state[(step.name, task)] = outcome
                 cond.notify_all()
 
-    _in_threads([worker] * len(tasks))
+    _in_threads([worker] * threads)
     if errors:
         raise errors[0]
     return timings
@@ -346,8 +389,12 @@ def plan(ctx: JobContext, steps: list[Step]) -> str:
     """The stage plan, printed first in quiet mode: what runs, in which order, where logs go."""
     cfg = ctx.cfg
     todo = [s.name for s in steps if s.narrow(cfg) is not None]
-    par = cfg.ray.parallel_tasks and len(cfg.tasks) > 1
-    how = "in parallel" if par else "one after the other"
+    many = len(cfg.tasks) > 1
+    how = "one after the other" if many else "one step at a time"
+    if cfg.ray.parallel_tasks and many:
+        how = "in parallel"
+    if _base(cfg) is not None:
+        how = ("in parallel, " if many else "") + "the methods beside FT"
     return (
         f"[pipeline] {cfg.name}: {' -> '.join(todo)} for {', '.join(cfg.tasks)} ({how}); "
         f"output {ctx.output_dir}; logs {console.log_dir()}/ (--verbose streams them here)"

@@ -34,6 +34,7 @@ def _steps(*names: str) -> list[pipeline.Step]:
 def test_steps_follow_the_design_order():
     assert pipeline.STEP_NAMES == [
         "data",
+        "base",
         "ft",
         "harvest",
         "coverage",
@@ -169,7 +170,7 @@ def _fake_stages(monkeypatch, behave) -> list[tuple[str, str, str]]:
     return events
 
 
-PER_TASK = ("data", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
+PER_TASK = ("data", "base", "ft", "harvest", "coverage", "methods", "grpo", "eval", "tune")
 
 
 def test_a_free_core_takes_the_next_ready_step_of_any_task(tmp_path, monkeypatch):
@@ -197,13 +198,59 @@ def test_a_free_core_takes_the_next_ready_step_of_any_task(tmp_path, monkeypatch
     timings = pipeline.run(JobContext(cfg, str(tmp_path / "run")), _steps(*PER_TASK))
     assert set(timings) == set(PER_TASK)
     for task in cfg.tasks:
-        for name in PER_TASK:
+        # hybrid reads FT's harvest: FT's chain trains the base, the base step has no work
+        assert ("start", "base", task) not in events
+        for name in set(PER_TASK) - {"base"}:
             start = events.index(("start", name, task))
-            for need in pipeline.NEEDS[name]:
+            waits = pipeline.needs(name, pipeline._only_task(cfg, task), set(PER_TASK))
+            for need in set(waits) - {"base"}:
                 assert events.index(("end", need, task)) < start, (name, need, task)
+        methods = events.index(("start", "methods", task))
+        assert events.index(("end", "harvest", task)) < methods
     # sudoku's GRPO and sweep started while its methods ran
     for name in ("grpo", "tune"):
         assert events.index(("start", name, "sudoku")) < events.index(("end", "methods", "sudoku"))
+
+
+def test_without_hybrid_the_methods_train_beside_ft(tmp_path, monkeypatch):
+    """One task, FT and EIFT (premise-multiplication's shape): the base is its own step,
+    and EIFT's chain trains from it while FT's does, on a second thread (the 30 s waits:
+    one after the other, FT would wait for ever); harvest still follows FT, eval both."""
+    side_by_side = {"ft": threading.Event(), "methods": threading.Event()}
+
+    def behave(name: str, task: str) -> None:
+        if name in side_by_side:
+            side_by_side[name].set()
+            other = side_by_side["methods" if name == "ft" else "ft"]
+            assert other.wait(timeout=30), f"{name} ran alone"
+
+    events = _fake_stages(monkeypatch, behave)
+    cfg = load_config(SMOKE, ["tasks=[multiplication]", "train.methods=[ft,eift]"])
+    assert pipeline._base(cfg) is cfg and pipeline.graph_threads(cfg, set(PER_TASK), {}) == 2
+    pipeline.run(JobContext(cfg, str(tmp_path / "run")), _steps(*PER_TASK))
+    at = {(kind, name): i for i, (kind, name, _) in enumerate(events)}
+    assert at["end", "data"] < at["start", "base"]
+    assert at["end", "base"] < min(at["start", "ft"], at["start", "methods"])
+    assert at["end", "ft"] < at["start", "harvest"]
+    assert max(at["end", "methods"], at["end", "harvest"]) < at["start", "eval"]
+
+    # Left out with --skip base, FT's chain trains the base and the methods wait for it.
+    assert pipeline.needs("methods", cfg, set(PER_TASK) - {"base"}) == ("harvest",)
+    # With hybrid the methods read FT's harvest: no base step, one thread per task.
+    hybrid = load_config(SMOKE, ["tasks=[multiplication]", "train.methods=[ft,eift,hybrid]"])
+    assert pipeline._base(hybrid) is None
+    assert pipeline.needs("methods", hybrid, set(PER_TASK)) == ("harvest",)
+    assert pipeline.graph_threads(hybrid, set(PER_TASK), {}) == 1
+    # Never more concurrent trainings than the cluster has CPUs for.
+    assert pipeline.graph_threads(cfg, set(PER_TASK), {"CPU": 1.0}) == 1
+    two_tasks = load_config(SMOKE, ["train.methods=[ft,eift]"])
+    assert pipeline.graph_threads(two_tasks, set(PER_TASK), {"CPU": 2.0}) == 2
+    assert pipeline.graph_threads(two_tasks, set(PER_TASK), {"CPU": 8.0}) == 4
+    # Tasks one after the other (no graph): FT's chain trains the base, as before.
+    seq = load_config(
+        SMOKE, ["tasks=[multiplication]", "train.methods=[ft,eift]", "ray.parallel_tasks=false"]
+    )
+    assert pipeline._base(seq) is None
 
 
 def test_a_failed_step_stops_only_what_reads_it(tmp_path, monkeypatch, capsys):
@@ -219,7 +266,7 @@ def test_a_failed_step_stops_only_what_reads_it(tmp_path, monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="sudoku methods broke"):
         pipeline.run(JobContext(cfg, str(tmp_path / "run")), _steps(*PER_TASK, "report"))
     ended = {(name, task) for kind, name, task in events if kind == "end"}
-    assert {(n, "multiplication") for n in PER_TASK} <= ended
+    assert {(n, "multiplication") for n in PER_TASK if n != "base"} <= ended
     assert {("grpo", "sudoku"), ("tune", "sudoku")} <= ended
     assert ("start", "eval", "sudoku") not in events
     assert ("start", "report", "sudoku") not in events and ("end", "report", "") not in events

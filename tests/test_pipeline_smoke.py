@@ -146,3 +146,21 @@ def test_tracking_none_writes_no_store(tmp_path):
     assert os.path.exists(os.path.join(out, "multiplication", "data", "train.parquet"))
     assert not os.path.exists(os.path.join(out, "mlruns"))
     assert "tracking" not in json.loads(open(os.path.join(out, "manifest.json")).read())
+
+
+def test_without_hybrid_the_methods_chain_trains_beside_ft(ray_session, tmp_path):
+    """premise-* shape on real Ray: the base is its own Ray Train run, then FT's and EIFT's
+    runs overlap (two trainings of one task at once), each model in its own manifest record."""
+    out = str(tmp_path / "run")
+    cfg = load_config(SMOKE, ["tasks=[multiplication]", "train.methods=[ft,eift]"])
+    steps = [s for s in pipeline.STEPS if s.name in ("data", "base", "ft", "methods")]
+    timings = pipeline.run(JobContext(cfg, out), steps)
+    assert timings["base"] > 0
+    stages = json.loads(open(os.path.join(out, "manifest.json")).read())["stages"]
+    runs = {}
+    for m in ("base", "ft", "eift"):
+        rec = stages[f"multiplication/{m}"]
+        assert rec["status"] == "done" and rec["chain"] == [f"multiplication/{m}"], rec
+        runs[m] = (rec["started"] - rec["startup_s"], rec["finished"])  # Ray Train run
+    assert runs["base"][1] <= min(runs["ft"][0], runs["eift"][0])
+    assert runs["ft"][0] < runs["eift"][1] and runs["eift"][0] < runs["ft"][1]
