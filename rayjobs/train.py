@@ -240,6 +240,7 @@ def train_chain(
                 "init_model_path": init,
                 "max_steps": j.max_steps,
                 "probe_items": probe_items_for(j.cfg, task_name, j.method, train_path),
+                "probe_ft_later": probe_ft_later(j.cfg, task_name, j.method, train_path),
                 "out_dir": out,
                 "model_hash": j.model_hash,
             }
@@ -323,17 +324,36 @@ def probe_items_for(cfg: Config, task_name: str, method: str, train_path: str) -
     synthetic items on the test split, plus the FT model's test errors once harvested."""
     if not cfg.train.probe_every or method not in ("eift", "hybrid", "insec"):
         return []
-    from selfcorrect.probes import probe_items
+    from selfcorrect.probes import current_ft_harvest, probe_items
     from selfcorrect.tasks import get_task
 
     task_dir = train_path.rsplit("/data/", 1)[0]  # <output-dir>/<task>
     test = io.read_parquet(io.join(task_dir, "data", "test.parquet")).to_pylist()
-    ft_test = io.join(task_dir, "harvest", "ft-test.parquet")
-    harvest = io.read_parquet(ft_test).to_pylist() if io.exists(ft_test) else None
+    ft_test = current_ft_harvest(task_dir, train_hash(cfg, task_name, "ft"))
+    harvest = io.read_parquet(ft_test).to_pylist() if ft_test else None
     task = get_task(task_name, **cfg.task_options(task_name))
     return probe_items(
         task, test, harvest, cfg.seed, cfg.train.probe_items, cfg.error_weights(task_name)
     )
+
+
+def probe_ft_later(
+    cfg: Config, task_name: str, method: str, train_path: str
+) -> dict[str, Any] | None:
+    """For a method that starts before FT's test errors are harvested (the pipeline trains
+    it beside FT when no method reads the harvest): what ``selfcorrect.probes.LateFTProbes``
+    needs to probe them once they are there."""
+    if not cfg.train.probe_every or method not in ("eift", "hybrid", "insec"):
+        return None
+    from selfcorrect.probes import current_ft_harvest
+
+    task_dir = train_path.rsplit("/data/", 1)[0]  # <output-dir>/<task>
+    ft_hash = train_hash(cfg, task_name, "ft")
+    if current_ft_harvest(task_dir, ft_hash):
+        return None  # probe_items_for has them from the first probe on
+    if not io.is_uri(task_dir):
+        task_dir = str(Path(task_dir).absolute())  # workers have another cwd
+    return {"task_dir": task_dir, "ft_hash": ft_hash, "seed": cfg.seed, "n": cfg.train.probe_items}
 
 
 def make_trainer(

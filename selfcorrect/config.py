@@ -516,7 +516,8 @@ class RayConfig:
         "pipeline: run every task's stages (data to tune) as one graph on a driver thread "
         "per task, each stage once the stages of its own task that it reads are done, so "
         "tasks share the cluster's CPUs/GPUs instead of waiting for each other (the report "
-        "follows, once every task is done)",
+        "follows, once every task is done); without hybrid, a task's methods train from its "
+        "base beside its FT",
     )
 
     def validate(self) -> None:

@@ -581,6 +581,12 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
     progress.done(offset + start)
     probe = config.get("probe_items") or []
     probe_every = t.probe_every if probe and t.zero_stage < 3 else 0
+    late = config.get("probe_ft_later")  # FT errors not harvested yet: probe them once they are
+    late_ft = None
+    if probe_every and late and rank == 0:
+        from selfcorrect.probes import LateFTProbes
+
+        late_ft = LateFTProbes(late["task_dir"], late["ft_hash"], late["seed"], late["n"])
 
     def checkpoint(step: int, metrics: dict[str, Any], final: bool) -> None:
         report_checkpoint(engine, tok, cfg, session, rank, step, metrics, history, final, resumes)
@@ -631,6 +637,8 @@ def run_training(config: dict[str, Any], session: LocalSession | RaySession) -> 
 
                 task = get_task(task_name, **cfg.task_options(task_name))
                 last.update(probe_recognition(engine.module, tok, task, probe))
+                if late_ft is not None:
+                    late_ft.probe(engine.module, tok, task, last)
             acc = _Accumulator(kinds)
             t_window = time.time()
             history.append(last)
@@ -871,7 +879,7 @@ def run_chain(config: dict[str, Any], session: Any) -> dict[str, Any]:
     """Train ``config["chain"]``'s models one after another in this worker group.
 
     Each entry is a ``run_training`` config of its own (cfg, method, init_model_path,
-    max_steps, onpolicy, probe_items) plus ``out_dir`` and ``model_hash``; the rest of
+    max_steps, onpolicy, probe_items, probe_ft_later) plus ``out_dir`` and ``model_hash``; the rest of
     ``config`` (task, prompts, console, crash) is shared. One Ray Train start-up for the
     chain instead of one per model; each model keeps its own schedule, seed, data stream and
     checkpoints, so it comes out as it would from a run of its own. Returns the last model's
