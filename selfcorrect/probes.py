@@ -73,7 +73,8 @@ class LateFTProbes:
     copy is probed on the same FT-error items and its row filled in. The values equal those a
     probe at that step would have given (the same weights, greedy); only a model trained
     past FT's harvest, or resumed (the copies are in memory), leaves earlier rows without
-    ``probe_ft_errors_recognition``.
+    ``probe_ft_errors_recognition``. Each waiting probe holds one CPU copy of the trainable
+    weights (a LoRA model's adapters, a full fine-tune's every weight).
     """
 
     def __init__(self, task_dir: str, ft_hash: str, seed: int, n: int) -> None:
