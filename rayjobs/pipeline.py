@@ -9,10 +9,10 @@ FT) -> eval (every model) -> tune -> report. With ``ray.parallel_tasks`` the per
 steps form a graph instead (``needs``): a step starts once the steps of its own task that
 it reads are done, on a driver thread per task, so a core that one task leaves free takes
 the next ready step of any task. When no method reads FT's harvest (no hybrid), the base
-is its own step and the methods train from it beside FT, on a second thread of that task. Each stage records itself in
-manifest.json (status, config hash, artifacts, seconds): a rerun skips stages that are
-done with the same config, redoes those whose config changed, and resumes an
-interrupted run.
+is its own step and the methods train from it beside FT, on a second thread of that task.
+Each stage records itself in manifest.json (status, config hash, artifacts, seconds): a
+rerun skips stages that are done with the same config, redoes those whose config changed,
+and resumes an interrupted run.
 
 Extra flags: --stages a,b (run only these pipeline steps) and --skip a,b; steps are
 data, base, ft, harvest, coverage, methods, grpo, eval, tune, report (``base`` has work
@@ -258,7 +258,8 @@ def _run_graph(
     threads: int,
 ) -> dict[str, dict[str, float]]:
     """Every task's per-task ``steps`` on ``threads`` driver threads (``graph_threads``): a
-    free thread takes the first ready (step, task) in step order, then task order. A task whose step fails runs nothing that reads it; the other tasks go on,
+    free thread takes the first ready (step, task) in step order, then task order. A task
+    whose step fails runs nothing that reads it; the other tasks go on,
     and the first failure is re-raised once all runnable work has ended.
 
     Returns task -> step -> wall seconds.

@@ -879,8 +879,8 @@ def run_chain(config: dict[str, Any], session: Any) -> dict[str, Any]:
     """Train ``config["chain"]``'s models one after another in this worker group.
 
     Each entry is a ``run_training`` config of its own (cfg, method, init_model_path,
-    max_steps, onpolicy, probe_items, probe_ft_later) plus ``out_dir`` and ``model_hash``; the rest of
-    ``config`` (task, prompts, console, crash) is shared. One Ray Train start-up for the
+    max_steps, onpolicy, probe_items, probe_ft_later) plus ``out_dir`` and ``model_hash``;
+    the rest of ``config`` (task, prompts, console, crash) is shared. One Ray Train start-up for the
     chain instead of one per model; each model keeps its own schedule, seed, data stream and
     checkpoints, so it comes out as it would from a run of its own. Returns the last model's
     final metrics.
